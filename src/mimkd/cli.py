@@ -1,0 +1,237 @@
+"""The ``mimkd`` command. Thin: it parses, validates and calls the library.
+
+Every user error (bad key, unknown model, missing file, corrupt checkpoint) is printed as one message and
+exits with status 2; nothing prints a traceback unless ``MIMKD_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from mimkd.errors import MimkdError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML run configuration; flags and --set override it")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set optim.lr=0.1 --set method.lambda_l=0.5 (repeatable)",
+    )
+    g.add_argument("--data", help="dataset name (mimkd datasets lists them)")
+    g.add_argument("--data-root", help="dataset directory (default: the dataset's standard location)")
+    g.add_argument("--train-fraction", type=float, help="stratified, seeded fraction of the training set")
+    g.add_argument("--image-size", type=int, help="resize images to this size (folder datasets)")
+    g.add_argument("--recipe", help="training recipe: cifar, imagenet, fashion_mnist (default: by dataset)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, help="CPU threads for torch")
+    g.add_argument("--out", help="directory that holds run directories (default: runs)")
+    g.add_argument("--name", help="run directory name (default: METHOD_STUDENT_DATA_sSEED)")
+    g.add_argument("--resume", action="store_true", help="continue the run in its directory from last.pt")
+    g.add_argument("--overwrite", action="store_true", help="start the run over if its directory exists")
+    g.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="always show the progress bar"
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _flags_to_config(a: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = {}
+
+    def put(path: str, value: Any) -> None:
+        if value is None:
+            return
+        node = cfg
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+
+    put("data.name", a.data)
+    put("data.root", a.data_root)
+    put("data.train_fraction", a.train_fraction)
+    put("data.image_size", a.image_size)
+    put("optim.recipe", a.recipe)
+    put("optim.epochs", a.epochs)
+    put("optim.batch_size", a.batch_size)
+    put("optim.lr", a.lr)
+    put("seed", a.seed)
+    put("device", a.device)
+    put("threads", a.threads)
+    put("out_dir", a.out)
+    put("name", a.name)
+    put("train.progress", a.progress)
+    return cfg
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from mimkd.config import load_config
+    from mimkd.engine.setup import run
+
+    base = _flags_to_config(a)
+    if a.model:
+        base.setdefault("student", {})["arch"] = a.model
+    base.setdefault("method", {}).setdefault("name", "vanilla")
+    cfg = load_config(a.config, a.overrides, base)
+    if cfg.method.name != "vanilla" or cfg.teacher is not None:
+        raise MimkdError("mimkd train trains one network without a teacher; use mimkd distill for methods")
+    _print_summary(run(cfg, resume=a.resume, overwrite=a.overwrite))
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from mimkd.config import load_config
+    from mimkd.engine.setup import run
+
+    base = _flags_to_config(a)
+    if a.student:
+        base.setdefault("student", {})["arch"] = a.student
+    if a.teacher or a.teacher_arch:
+        t = base.setdefault("teacher", {})
+        t["arch"] = a.teacher_arch or "auto"
+        if a.teacher:
+            t["checkpoint"] = a.teacher
+    if a.method:
+        base.setdefault("method", {})["name"] = a.method
+    cfg = load_config(a.config, a.overrides, base)
+    _print_summary(run(cfg, resume=a.resume, overwrite=a.overwrite))
+    return 0
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    last, best = s.get("last", {}), s.get("best", {})
+    lines = [
+        f"method {s.get('method')}  student {s.get('student')}  data {s.get('data')}",
+        f"  last epoch {last.get('epoch', 0) + 1 if last.get('epoch') is not None else '-'}: "
+        f"top-1 {last.get('top1', float('nan')):.2f}  top-5 {last.get('top5', float('nan')):.2f}",
+        f"  best epoch {best.get('epoch', -1) + 1}: top-1 {best.get('top1', float('nan')):.2f}",
+        f"  wall time {s.get('wall_time_s', 0):.0f} s",
+    ]
+    if s.get("teacher_test_top1") is not None:
+        lines.insert(1, f"  teacher {s.get('teacher')}: top-1 {s['teacher_test_top1']:.2f}")
+    if s.get("diverged"):
+        lines.append("  WARNING: accuracy near chance: the run diverged")
+    print("\n".join(lines))
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    if a.command == "models":
+        from mimkd.models import available
+    elif a.command == "methods":
+        from mimkd.distillers import available
+    else:
+        from mimkd.data import available_datasets as available
+    print("\n".join(available()))
+    return 0
+
+
+def cmd_describe(a: argparse.Namespace) -> int:
+    from mimkd.describe import describe, format_description
+
+    info = describe(
+        a.method, a.student, a.teacher, data=a.data, image_size=a.image_size, overrides=a.overrides
+    )
+    print(json.dumps(info, indent=2) if a.json else format_description(info))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from mimkd.demo import run_demo
+
+    run_demo(
+        out_dir=a.out,
+        cache_dir=a.cache,
+        seeds=a.seeds,
+        epochs=a.epochs,
+        workers=a.workers,
+        progress=a.progress,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mimkd",
+        description="Knowledge distillation by mutual information maximisation, and the baseline zoo.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one network (a teacher, or a vanilla student)")
+    t.add_argument("--model", help="zoo name (mimkd models) or package.module:factory")
+    _add_run_flags(t)
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("distill", help="distill a teacher into a student with a method")
+    d.add_argument("--teacher", help="teacher checkpoint (a mimkd run, or {'model': state_dict} file)")
+    d.add_argument("--teacher-arch", help="teacher architecture (needed when the checkpoint does not say)")
+    d.add_argument("--student", help="student architecture")
+    d.add_argument("--method", help="distillation method (mimkd methods lists them)")
+    _add_run_flags(d)
+    d.set_defaults(fn=cmd_distill)
+
+    s = sub.add_parser("describe", help="feature pairs, critic shapes, parameters and FLOPs of a method")
+    s.add_argument("--teacher", required=True, help="teacher architecture")
+    s.add_argument("--student", required=True, help="student architecture")
+    s.add_argument("--method", default="mimkd")
+    s.add_argument("--data", default="cifar100", help="dataset whose input shape and classes to assume")
+    s.add_argument("--image-size", type=int)
+    s.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, e.g. --set method.critic_width=256",
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_describe)
+
+    m = sub.add_parser("demo", help="the embedded default: vanilla vs kd vs mimkd on Fashion-MNIST")
+    m.add_argument("--out", default="runs/demo", help="where runs, table and plot go")
+    m.add_argument("--cache", default=None, help="teacher cache directory (default: ~/.cache/mimkd)")
+    m.add_argument("--seeds", type=int, default=3)
+    m.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's)")
+    m.add_argument("--workers", type=int, default=None, help="runs in parallel (default: CPU cores)")
+    m.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    m.set_defaults(fn=cmd_demo)
+
+    for name, help_ in (
+        ("models", "list zoo models"),
+        ("methods", "list methods"),
+        ("datasets", "list datasets"),
+    ):
+        sub.add_parser(name, help=help_).set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except MimkdError as e:
+        if os.environ.get("MIMKD_DEBUG"):
+            raise
+        print(f"mimkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimkd: interrupted; a run can be continued with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Decorator registry of distillation methods; ``build_distiller`` and the CLI read the same table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from pydantic import ValidationError
+
+from mimkd.errors import ConfigError, MethodError, did_you_mean, unknown_name_error
+
+from .base import DistillContext, Distiller, MethodOptions
+
+__all__ = ["register_distiller", "available", "get_method", "validate_options", "build_distiller"]
+
+_METHODS: dict[str, type[Distiller]] = {}
+
+
+def register_distiller(name: str):
+    """Class decorator: register a :class:`Distiller` subclass under ``name``."""
+
+    def deco(cls: type[Distiller]) -> type[Distiller]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    import mimkd.distillers  # noqa: F401  (importing the package registers every method)
+
+
+def available() -> list[str]:
+    """Names of every registered method."""
+    _ensure_loaded()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Distiller]:
+    _ensure_loaded()
+    if name not in _METHODS:
+        raise unknown_name_error("method", name, _METHODS, MethodError)
+    return _METHODS[name]
+
+
+def validate_options(name: str, options: dict[str, Any]) -> MethodOptions:
+    """Validate ``options`` against the method's options class; errors name ``method.<key>``."""
+    try:
+        cls = get_method(name)
+    except MethodError as e:
+        raise ConfigError(f"method.name: {e}") from None
+    try:
+        return cls.Options(**options)
+    except ValidationError as e:
+        fields = list(cls.Options.model_fields)
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(
+                    f"method.{key}: unknown option of {name!r}.{did_you_mean(key, fields)} "
+                    f"Options: {', '.join(fields) or '(none)'}"
+                )
+            else:
+                lines.append(f"method.{key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid method options:\n  " + "\n  ".join(lines)) from None
+
+
+def build_distiller(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    sample_input: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    num_samples: int | None = None,
+    train_labels: torch.Tensor | None = None,
+    **options: Any,
+) -> Distiller:
+    """Build the distiller ``method`` around any two modules.
+
+    Args:
+        method: a registered method name (``mimkd.distillers.available()``).
+        student, teacher: the networks (the teacher is frozen and put in eval mode).
+        sample_input: a small batch with the training input shape, used to probe feature shapes.
+        num_classes: number of classes (default: inferred from the student's output on ``sample_input``).
+        num_samples, train_labels: training-set size and labels, needed by memory-bank methods.
+        **options: the method's options (see its ``Options`` class).
+    """
+    cls = get_method(method)
+    opts = validate_options(method, options)
+    if cls.requires_teacher and teacher is None:
+        raise MethodError(f"method {method!r} needs a teacher network")
+    if num_classes is None:
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            out = student(sample_input[:2] if sample_input.shape[0] > 2 else sample_input)
+        student.train(was)
+        num_classes = int(out.shape[-1])
+    if train_labels is not None and num_samples is None:
+        num_samples = int(train_labels.numel())
+    ctx = DistillContext(
+        sample_input=sample_input, num_classes=num_classes, num_samples=num_samples, train_labels=train_labels
+    )
+    return cls(student, teacher, opts, ctx)

@@ -1,0 +1,201 @@
+"""Checkpoints: atomic writes, exact-resume state, and imports of common third-party layouts.
+
+A mimkd checkpoint is a dict whose ``"model"`` entry is the student's ``state_dict`` — the same layout as the
+CIFAR teacher checkpoints that circulate (``{'model': state_dict}``), so any mimkd run can serve as a teacher
+and any such file loads as one. Resume state (optimiser, RNG, position, method parts) sits beside it.
+
+Writes go to a temporary file in the same directory, are flushed and fsync'ed, then renamed over the target:
+a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mimkd.errors import CheckpointError
+
+__all__ = [
+    "atomic_save",
+    "load_checkpoint",
+    "extract_state_dict",
+    "load_weights",
+    "capture_rng",
+    "restore_rng",
+]
+
+FORMAT = "mimkd-checkpoint"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file; every failure becomes a CheckpointError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    if p.is_dir():
+        for name in ("last.pt", "best.pt"):
+            if (p / name).is_file():
+                return load_checkpoint(p / name, map_location)
+        raise CheckpointError(f"{str(p)!r} is a directory without last.pt or best.pt")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {str(p)!r}: it is truncated, corrupt or not a PyTorch file "
+            f"({first[:200]})"
+        ) from None
+    if isinstance(obj, nn.Module):
+        obj = {"model": obj.state_dict()}
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(p)!r} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def extract_state_dict(ckpt: dict[str, Any], path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the model weights in the layouts in circulation.
+
+    Accepts ``{'model': sd}`` (RepDistiller, mimkd), ``{'state_dict': sd}``, ``{'net': sd}`` or a bare
+    state_dict, and strips DataParallel's ``module.`` prefix.
+    """
+    sd: Any = None
+    for key in ("model", "state_dict", "net", "model_state_dict"):
+        if isinstance(ckpt.get(key), dict):
+            sd = ckpt[key]
+            break
+    if sd is None and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt
+    if sd is None:
+        raise CheckpointError(
+            f"{path}: no model weights found (looked for keys 'model', 'state_dict', 'net'; found "
+            f"{sorted(ckpt)[:10]})"
+        )
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, path: str | Path, arch: str = "") -> dict[str, Any]:
+    """Load weights from ``path`` into ``model`` strictly; a mismatch lists missing/unexpected keys and shape
+    differences. Returns the checkpoint dict (for its metadata)."""
+    ckpt = load_checkpoint(path)
+    sd = extract_state_dict(ckpt, str(path))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        what = f"architecture {arch!r}" if arch else type(model).__name__
+        parts = [f"checkpoint {str(path)!r} does not match {what}:"]
+        if missing:
+            parts.append(
+                f"  missing keys ({len(missing)}): {', '.join(missing[:12])}"
+                + (" ..." if len(missing) > 12 else "")
+            )
+        if unexpected:
+            parts.append(
+                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}"
+                + (" ..." if len(unexpected) > 12 else "")
+            )
+        if shapes:
+            parts.append(
+                f"  shape mismatches ({len(shapes)}): "
+                + "; ".join(shapes[:6])
+                + (" ..." if len(shapes) > 6 else "")
+            )
+        hint = ckpt.get("arch")
+        parts.append(
+            f"  The checkpoint says it is a {hint!r}: pass that architecture."
+            if isinstance(hint, str) and hint != arch
+            else "  Check the architecture name (--teacher-arch) and the number of classes."
+        )
+        raise CheckpointError("\n".join(parts))
+    model.load_state_dict(sd, strict=True)
+    return ckpt
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state a run touches: torch CPU (+ CUDA), numpy, python."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "python": _python_state_to_tensors(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+    if "python" in state:
+        random.setstate(_python_state_from_tensors(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# weights_only=True loading accepts tensors and plain containers: store RNG states in that form.
+def _numpy_state_to_tensors(st) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = st
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_state_from_tensors(d: dict[str, Any]):
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def _python_state_to_tensors(st) -> dict[str, Any]:
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_state_from_tensors(d: dict[str, Any]):
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])

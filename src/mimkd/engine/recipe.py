@@ -1,0 +1,54 @@
+"""Optimiser and learning-rate schedule from a resolved :class:`~mimkd.config.OptimConfig`.
+
+The schedule is a pure function of (epoch, step): nothing to save or restore, so a resumed run gets exactly
+the learning rate an uninterrupted one would. ``step`` follows RepDistiller (spec §2.1): epoch ``e``
+(0-based) uses ``lr · γ^{#milestones ≤ e}``, i.e. the decay takes effect after ``m`` completed epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from mimkd.config import OptimConfig
+
+__all__ = ["build_optimizer", "lr_at", "set_lr"]
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay on every trainable parameter, as RepDistiller) or AdamW."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum or 0.0,
+            nesterov=bool(cfg.nesterov),
+            weight_decay=cfg.weight_decay or 0.0,
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.0)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_at(cfg: OptimConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate for ``step`` (0-based) of ``epoch`` (0-based)."""
+    base = float(cfg.lr)
+    warm = cfg.warmup_epochs or 0
+    progress = epoch + step / max(steps_per_epoch, 1)
+    if warm and progress < warm:
+        return base * (progress + 1.0 / max(steps_per_epoch, 1)) / warm
+    if cfg.schedule == "step":
+        return base * (cfg.gamma ** sum(1 for m in (cfg.milestones or []) if epoch >= m))
+    if cfg.schedule == "cosine":
+        total = cfg.epochs - warm
+        t = min(max(progress - warm, 0.0) / max(total, 1e-12), 1.0)
+        return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    return base
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,251 @@
+"""From a :class:`~mimkd.config.RunConfig` to a running :class:`~mimkd.engine.trainer.Trainer`.
+
+This is the one place that turns names into objects: dataset, student, teacher (with its checkpoint),
+distiller, augmentation, device. ``mimkd train`` and ``mimkd distill`` both call :func:`run`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from mimkd.config import RunConfig
+from mimkd.data import BatchAugment, ImageDataset, dataset_spec, load_dataset, stratified_subset
+from mimkd.distillers import build_distiller
+from mimkd.distillers.base import Distiller
+from mimkd.errors import CheckpointError, ConfigError, MimkdError, ModelError
+from mimkd.evaluation.flops import count_flops, count_parameters
+from mimkd.models import build_model, model_factory
+
+from .checkpoint import load_checkpoint, load_weights
+from .trainer import StudentInfo, Trainer
+
+__all__ = ["resolve_device", "build_network", "load_teacher", "load_data", "prepare", "run", "Prepared"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def build_network(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A zoo model by name, or any model from ``package.module:factory``.
+
+    A factory is called as ``factory(num_classes=..., in_channels=...)``, falling back to
+    ``factory(num_classes=...)`` and ``factory()`` when it does not take those arguments.
+    """
+    if ":" in arch and not arch.startswith("timm:"):
+        module_name, _, attr = arch.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ModelError(f"model {arch!r}: cannot import module {module_name!r} ({e})") from None
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise ModelError(f"model {arch!r}: module {module_name!r} has no attribute {attr!r}")
+        for kwargs in (
+            {"num_classes": num_classes, "in_channels": in_channels},
+            {"num_classes": num_classes},
+            {},
+        ):
+            try:
+                net = factory(**kwargs)
+                break
+            except TypeError:
+                continue
+        else:
+            raise ModelError(f"model {arch!r}: could not call {attr}(num_classes=..., in_channels=...)")
+        if not isinstance(net, nn.Module):
+            raise ModelError(f"model {arch!r}: the factory returned {type(net).__name__}, not an nn.Module")
+        return net
+    model_factory(arch)  # raises a ModelError with suggestions for unknown names
+    return build_model(arch, num_classes=num_classes, in_channels=in_channels)
+
+
+def load_teacher(
+    arch: str | None, checkpoint: str, num_classes: int, in_channels: int
+) -> tuple[nn.Module, str]:
+    """Build the teacher and load its weights strictly. ``arch`` may be omitted for mimkd checkpoints."""
+    ck = load_checkpoint(checkpoint)
+    if arch is None:
+        arch = ck.get("arch") if isinstance(ck.get("arch"), str) else None
+        if arch is None:
+            raise ConfigError(
+                f"teacher checkpoint {checkpoint!r} does not record its architecture: pass --teacher-arch "
+                "(e.g. --teacher-arch resnet32x4)"
+            )
+    net = build_network(arch, num_classes, in_channels)
+    load_weights(net, checkpoint, arch)
+    return net, arch
+
+
+def load_data(cfg: RunConfig) -> tuple[ImageDataset, ImageDataset, Any]:
+    """Train/test datasets (train subset by ``train_fraction``) and the training augmentation."""
+    d = cfg.data
+    train = load_dataset(d.name, d.root, split="train", image_size=d.image_size)
+    test = load_dataset(d.name, d.root, split="test", image_size=d.image_size)
+    if d.train_fraction < 1.0:
+        train = train.subset(stratified_subset(train.labels, d.train_fraction, d.subset_seed))
+    if d.test_fraction < 1.0:
+        test = test.subset(stratified_subset(test.labels, d.test_fraction, d.subset_seed))
+    if d.augment:
+        augment = dataset_spec(d.name).augment(train.mean, train.std, train.image_shape[1], flip=d.flip)
+        if d.crop_padding is not None:
+            augment.crop_padding = d.crop_padding
+    else:
+        augment = BatchAugment(train.mean, train.std)
+    return train, test, augment
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    train: ImageDataset
+    test: ImageDataset
+    augment: Any
+    distiller: Distiller
+    student_arch: str
+    teacher_arch: str | None
+    summary_extra: dict[str, Any]
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Build everything a run needs (no training yet)."""
+    cfg = cfg.resolved()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, test, augment = load_data(cfg)
+    num_classes, in_channels = train.num_classes, train.image_shape[0]
+    student = build_network(cfg.student.arch, num_classes, in_channels)
+    if cfg.student.checkpoint:
+        load_weights(student, cfg.student.checkpoint, cfg.student.arch)
+    teacher, teacher_arch = None, None
+    if cfg.teacher is not None and cfg.teacher.checkpoint:
+        arch = cfg.teacher.arch if cfg.teacher.arch not in ("", "auto") else None
+        teacher, teacher_arch = load_teacher(arch, cfg.teacher.checkpoint, num_classes, in_channels)
+    elif cfg.teacher is not None:
+        raise ConfigError("teacher.checkpoint: a teacher needs trained weights (--teacher PATH)")
+    sample = augment(train.images[: min(8, len(train))], torch.Generator().manual_seed(0))
+    options = dict(cfg.method.options)
+    distiller = build_distiller(
+        cfg.method.name,
+        student,
+        teacher,
+        sample,
+        num_classes=num_classes,
+        train_labels=train.labels,
+        **options,
+    )
+    extra: dict[str, Any] = {
+        "data": cfg.data.name,
+        "train_images": len(train),
+        "test_images": len(test),
+        "student_params": count_parameters(student),
+        "student_flops_per_image": count_flops(student, sample[:1]),
+        "method_params": sum(p.numel() for _, p in distiller.trainable_named_parameters())
+        - count_parameters(student),
+    }
+    if teacher is not None:
+        extra["teacher"] = teacher_arch
+        extra["teacher_params"] = count_parameters(teacher)
+    run_dir = Path(cfg.out_dir) / cfg.run_name()
+    return Prepared(
+        cfg, run_dir, device, train, test, augment, distiller, cfg.student.arch, teacher_arch, extra
+    )
+
+
+def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Prepare and train; returns the run summary."""
+    p = prepare(cfg)
+    _claim_run_dir(p, resume, overwrite)
+    if p.distiller.teacher is not None:
+        from mimkd.data import eval_batches
+        from mimkd.evaluation.accuracy import evaluate
+
+        p.distiller.teacher.to(p.device)
+        p.summary_extra["teacher_test_top1"] = evaluate(
+            p.distiller.teacher, eval_batches(p.test, p.cfg.data.test_batch_size, p.device)
+        )["top1"]
+    info = StudentInfo(p.student_arch, p.train.num_classes, p.train.image_shape[0])
+    trainer = Trainer(
+        p.cfg,
+        p.distiller,
+        p.train,
+        p.test,
+        p.run_dir,
+        p.device,
+        info,
+        p.augment,
+        extra_summary=p.summary_extra,
+    )
+    return trainer.fit(resume=resume)
+
+
+def _claim_run_dir(p: Prepared, resume: bool, overwrite: bool) -> None:
+    run_dir, cfg = p.run_dir, p.cfg
+    cfg_file = run_dir / "config.yaml"
+    exists = (run_dir / "last.pt").exists() or cfg_file.exists()
+    if exists and not (resume or overwrite):
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} already holds a run: pass --resume to continue it, --overwrite "
+            "to start over, or --name to choose another"
+        )
+    if exists and overwrite and not resume:
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    if resume and cfg_file.exists():
+        old = yaml.safe_load(cfg_file.read_text()) or {}
+        new = cfg.model_dump(mode="json")
+        diffs = _config_diffs(old, new)
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {str(run_dir)!r}: the configuration differs from the one it started with: "
+                + "; ".join(diffs[:10])
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        os.replace(tmp, cfg_file)
+    except OSError as e:
+        raise ConfigError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
+
+
+# keys that may change between a run and its resumption
+_RESUME_FREE = {"device", "threads", "train.progress", "train.tensorboard", "data.root", "out_dir"}
+
+
+def _config_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = f"{prefix}{k}"
+        if key in _RESUME_FREE:
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diffs(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def is_user_error(e: BaseException) -> bool:
+    return isinstance(e, (MimkdError, CheckpointError))

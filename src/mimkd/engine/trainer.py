@@ -1,0 +1,304 @@
+"""The training loop. It never names a method: it sums whatever terms the distiller returns.
+
+One loop serves ``mimkd train`` (the ``vanilla`` distiller) and ``mimkd distill``. Per run directory it writes
+``config.yaml``, ``metrics.jsonl`` (one record per epoch), TensorBoard events, ``last.pt`` (complete resume
+state, written atomically every ``checkpoint_every_steps`` steps and at the end of every epoch), ``best.pt``
+(the student at its best test epoch) and ``summary.json`` (last AND best epoch accuracy).
+
+Exact resume: batches are a pure function of (seed, epoch, step) (see :class:`mimkd.data.BatchIterator`), the
+learning rate a pure function of (epoch, step), and the checkpoint holds weights, method state (critics,
+memory banks), optimiser, every RNG state and the partial epoch meters. A seeded CPU run interrupted at any
+step and resumed ends with weights bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimkd.config import RunConfig
+from mimkd.data import BatchIterator, ImageDataset, eval_batches
+from mimkd.distillers.base import Distiller
+from mimkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from mimkd.evaluation.accuracy import evaluate, topk_correct
+
+from .checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
+from .logging import Meter, MetricsLog, progress_bar, write_json
+from .recipe import build_optimizer, lr_at, set_lr
+
+__all__ = ["Trainer", "StudentInfo"]
+
+
+@dataclass
+class StudentInfo:
+    """What a checkpoint records about the student so it can be rebuilt (and used as a teacher)."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+
+
+class Trainer:
+    """Runs a distiller over a dataset with checkpoints, metrics and exact resume."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        distiller: Distiller,
+        train_set: ImageDataset,
+        test_set: ImageDataset,
+        run_dir: Path,
+        device: torch.device,
+        student_info: StudentInfo,
+        augment=None,
+        extra_summary: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.distiller = distiller.to(device)
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.student_info = student_info
+        self.extra_summary = dict(extra_summary or {})
+        o = cfg.optim
+        self.iterator = BatchIterator(
+            train_set,
+            o.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=cfg.seed,
+            device=device,
+            augment=augment,
+            with_labels=distiller.uses_labels,
+        )
+        if len(self.iterator) == 0:
+            raise ConfigError(
+                f"optim.batch_size={o.batch_size} is larger than the training set ({len(train_set)} images)"
+            )
+        self.test_set = test_set
+        self.steps_per_epoch = len(self.iterator)
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        self.optimizer = build_optimizer(o, (p for _, p in distiller.trainable_named_parameters()))
+        self.epoch = 0
+        self.step = 0  # steps done in self.epoch
+        self.global_step = 0
+        self.meter = Meter()
+        self.best = {"epoch": -1, "top1": -1.0, "top5": 0.0}
+        self.skipped = 0
+        self.wall_before = 0.0  # wall time of earlier sessions of this run (resume)
+
+    # ------------------------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Fail before any training if the run directory is unwritable or the disk cannot hold checkpoints."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write_probe"
+            probe.write_bytes(b"0" * 1024)
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"run directory {str(self.run_dir)!r} is not writable ({e.strerror or e}); choose another "
+                "--out directory or fix its permissions"
+            ) from None
+        need = 3 * sum(t.numel() * t.element_size() for t in self._state_tensors()) + (16 << 20)
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            raise ConfigError(
+                f"not enough free disk space in {str(self.run_dir)!r}: {free / 2**20:.1f} MiB free, about "
+                f"{need / 2**20:.1f} MiB needed for checkpoints; free some space or choose another --out"
+            )
+
+    def _state_tensors(self):
+        yield from self.distiller.student.state_dict().values()
+        yield from self.distiller.method_state_dict().values()
+        yield from self.optimizer.param_groups[0]["params"]  # momentum buffers: one per parameter
+
+    # ------------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        info = self.student_info
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.distiller.student.state_dict(),
+            "arch": info.arch,
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "method": self.distiller.name,
+            "method_state": self.distiller.method_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": capture_rng(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "meter": self.meter.state_dict(),
+            "best": dict(self.best),
+            "skipped": self.skipped,
+            "wall_time": self.wall_before + (time.time() - self._t0),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def save(self, name: str = "last.pt") -> None:
+        atomic_save(self.state(), self.run_dir / name)
+
+    def load(self, path: Path) -> None:
+        ck = load_checkpoint(path, map_location="cpu")
+        if ck.get("format") != FORMAT:
+            raise CheckpointError(f"{str(path)!r} is not a mimkd run checkpoint; cannot resume from it")
+        self.distiller.student.load_state_dict(ck["model"])
+        self.distiller.load_method_state_dict(ck["method_state"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        restore_rng(ck["rng"])
+        self.epoch, self.step, self.global_step = ck["epoch"], ck["step"], ck["global_step"]
+        self.meter.load_state_dict(ck["meter"], self.device)
+        self.best = ck["best"]
+        self.skipped = ck.get("skipped", 0)
+        self.wall_before = float(ck.get("wall_time", 0.0))
+
+    # ------------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the last epoch (continuing from ``last.pt`` when ``resume``); return the summary."""
+        self._t0 = time.time()
+        self.preflight()
+        last = self.run_dir / "last.pt"
+        if resume and last.exists():
+            self.load(last)
+        log = MetricsLog(
+            self.run_dir,
+            tensorboard=self.cfg.train.tensorboard,
+            purge_step=self.global_step if resume else None,
+        )
+        log.truncate_from_epoch(self.epoch)
+        epochs = self.cfg.optim.epochs
+        try:
+            while self.epoch < epochs:
+                self._train_epoch(log)
+        finally:
+            log.close()
+        return self.finish(log)
+
+    def _train_epoch(self, log: MetricsLog) -> None:
+        cfg, d = self.cfg, self.distiller
+        d.train()
+        epoch, spe = self.epoch, self.steps_per_epoch
+        bar = progress_bar(
+            spe, f"epoch {epoch + 1}/{cfg.optim.epochs}", cfg.train.progress, initial=self.step
+        )
+        t_epoch, images_seen = time.time(), 0
+        try:
+            for batch in self.iterator.epoch(epoch, start_step=self.step):
+                if self.step >= spe:
+                    break
+                set_lr(self.optimizer, lr_at(cfg.optim, epoch, self.step, spe))
+                logits, terms = d(batch.images, batch.labels, batch.index)
+                total = sum(terms.values())
+                if not bool(torch.isfinite(total)):
+                    self._non_finite(terms, epoch)
+                    self.step += 1
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.optimizer.step()
+                n = batch.images.shape[0]
+                values = {f"loss.{k}": v.detach() for k, v in terms.items()}
+                values["loss.total"] = total.detach()
+                values.update({f"metric.{k}": v for k, v in d.metrics.items()})
+                if batch.labels is not None:
+                    values["train.top1"] = topk_correct(logits.detach(), batch.labels, (1,))[0].float() * (
+                        100.0 / n
+                    )
+                self.meter.add(values, n)
+                self.step += 1
+                self.global_step += 1
+                images_seen += n
+                if bar.n % 10 == 0 or self.step == spe:
+                    rate = images_seen / max(time.time() - t_epoch, 1e-9)
+                    bar.set_postfix(
+                        {
+                            k.split(".", 1)[1]: f"{float(v):.3f}"
+                            for k, v in values.items()
+                            if k.startswith("loss.")
+                        }
+                        | {"img/s": f"{rate:.0f}"},
+                        refresh=False,
+                    )
+                bar.update(1)
+                if self.step % cfg.train.checkpoint_every_steps == 0 and self.step < spe:
+                    self.save()
+        finally:
+            bar.close()
+        self._end_epoch(log, images_seen, time.time() - t_epoch)
+
+    def _non_finite(self, terms: dict[str, torch.Tensor], epoch: int) -> None:
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())] or ["total"]
+        values = ", ".join(str(float(terms[k])) if k in terms else "nan" for k in bad)
+        msg = (
+            f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: term(s) {', '.join(bad)} = {values}"
+        )
+        if self.cfg.train.on_nonfinite == "skip" and self.skipped < self.cfg.train.max_skipped_batches:
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        write_json(self.run_dir / "summary.json", {"status": "diverged", "error": msg, "epoch": epoch})
+        raise NonFiniteLossError(
+            f"{msg}. The step was refused; last.pt holds the last good state. Lower the learning rate or "
+            "that term's weight, or pass --set train.on_nonfinite=skip to skip such batches."
+        )
+
+    def _end_epoch(self, log: MetricsLog, images_seen: int, seconds: float) -> None:
+        cfg = self.cfg
+        record: dict[str, Any] = {
+            "epoch": self.epoch,
+            "lr": lr_at(cfg.optim, self.epoch, 0, self.steps_per_epoch),
+        }
+        record.update(self.meter.means())
+        last_epoch = self.epoch + 1 == cfg.optim.epochs
+        if (self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+            res = self.evaluate()
+            record.update({"test.top1": res["top1"], "test.top5": res["top5"], "test.loss": res["loss"]})
+            if res["top1"] > self.best["top1"]:
+                self.best = {"epoch": self.epoch, "top1": res["top1"], "top5": res["top5"]}
+                best_state = {k: v for k, v in self.state().items() if k not in ("optimizer", "rng", "meter")}
+                atomic_save(best_state, self.run_dir / "best.pt")
+        record["images_per_s"] = images_seen / max(seconds, 1e-9)
+        record["epoch_seconds"] = seconds
+        record["wall_time"] = self.wall_before + (time.time() - self._t0)
+        record["skipped_batches"] = self.skipped
+        log.write(record, self.global_step)
+        self.epoch += 1
+        self.step = 0
+        self.meter = Meter()
+        self.save()
+
+    def evaluate(self) -> dict[str, float]:
+        bs = self.cfg.data.test_batch_size
+        return evaluate(self.distiller.student, eval_batches(self.test_set, bs, self.device))
+
+    def finish(self, log: MetricsLog) -> dict[str, Any]:
+        records = log.records()
+        last = next((r for r in reversed(records) if "test.top1" in r), {})
+        rates = [r["images_per_s"] for r in records if "images_per_s" in r]
+        summary = {
+            "status": "finished",
+            "method": self.distiller.name,
+            "student": self.student_info.arch,
+            "epochs": self.cfg.optim.epochs,
+            "last": {
+                "epoch": last.get("epoch"),
+                "top1": last.get("test.top1"),
+                "top5": last.get("test.top5"),
+            },
+            "best": self.best,
+            "wall_time_s": self.wall_before + (time.time() - self._t0),
+            "images_per_s": sum(rates) / len(rates) if rates else None,
+            "skipped_batches": self.skipped,
+            **self.extra_summary,
+        }
+        chance = 100.0 / max(self.student_info.num_classes, 1)
+        summary["diverged"] = bool(last.get("test.top1") is not None and last["test.top1"] < 1.5 * chance)
+        write_json(self.run_dir / "summary.json", summary)
+        return summary

@@ -1,0 +1,107 @@
+"""Exact resume: a real CLI run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import SMALL_RUN, needs_fmnist, run_cli
+
+pytestmark = needs_fmnist
+
+ARGS = [
+    "train",
+    "--model",
+    "conv4mp_w32",
+    *SMALL_RUN,
+    "--epochs",
+    "2",
+    "--seed",
+    "3",
+    "--set",
+    "train.checkpoint_every_steps=4",
+]
+
+
+def _kill_mid_run(out, name, seed: int) -> int:
+    """Start the run, SIGKILL it at a random point after its first checkpoint; return the step it reached."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mimkd", *ARGS, "--out", str(out), "--name", name],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    ckpt = out / name / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("no checkpoint within 300 s")
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.0, 2.0))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ck = torch.load(ckpt, weights_only=True)
+    return ck["epoch"] * 1000 + ck["step"]
+
+
+def _final(run_dir):
+    return torch.load(run_dir / "last.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    run_cli(*ARGS, "--out", str(out), "--name", "ref")
+    return out / "ref"
+
+
+def _check_identical(reference, resumed):
+    a, b = _final(reference), _final(resumed)
+    assert a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), f"{k} differs after resume"
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    ra = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rb] == [0, 1]
+    for x, y in zip(ra, rb):
+        assert x["test.top1"] == y["test.top1"] and x["loss.total"] == pytest.approx(
+            y["loss.total"], abs=1e-12
+        )
+
+
+def _kill_and_resume(tmp_path, reference, trial: int) -> None:
+    name = f"killed{trial}"
+    reached = _kill_mid_run(tmp_path, name, seed=trial)
+    assert reached < 2000, "the run finished before it was killed; nothing was tested"
+    run_cli(*ARGS, "--out", str(tmp_path), "--name", name, "--resume")
+    _check_identical(reference, tmp_path / name)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
+    _kill_and_resume(tmp_path, reference, trial=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", [1, 2, 3, 4])
+def test_sigkill_then_resume_is_bit_identical_more_trials(tmp_path, reference, trial):
+    _kill_and_resume(tmp_path, reference, trial)
+
+
+def test_resume_with_changed_config_is_refused(tmp_path, reference):
+    import shutil
+
+    shutil.copytree(reference, tmp_path / "ref")
+    p = run_cli(*ARGS, "--out", str(tmp_path), "--name", "ref", "--resume", "--lr", "0.3", check=False)
+    assert p.returncode == 2 and "configuration differs" in p.stderr and "optim.lr" in p.stderr
