@@ -44,6 +44,17 @@ def _take(x: Tensor, perm: Tensor) -> Tensor:
     return x.index_select(0, perm.reshape(-1)).view(*perm.shape, *x.shape[1:])
 
 
+def _locations(x: Tensor) -> Tensor:
+    """A map ``B×C×m×m`` as a ``(B·m·m)×C`` matrix (a view when ``x`` is channels_last)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _as_maps(scores: Tensor, like: Tensor, batch: int | None = None) -> Tensor:
+    """``(N·m·m)×1`` scores back to ``N×1×m×m`` for maps shaped like ``like`` (N: its batch by default)."""
+    n = like.shape[0] if batch is None else batch
+    return scores.view(n, like.shape[2], like.shape[3], 1).permute(0, 3, 1, 2)
+
+
 class ConcatConvCritic(nn.Module):
     """Concat-and-convolve critic of MIMKD's local (Eq. 4) and feature (Eq. 5) terms (spec §1.6).
 
@@ -101,31 +112,39 @@ class ConcatConvCritic(nn.Module):
                 "the same spatial size (pair maps of equal size, spec §1.5)"
             )
 
+    # The 1×1 convolutions run as matrix products over locations: a map B×C×m×m is viewed as a (B·m·m)×C
+    # matrix (free for channels_last tensors, one copy otherwise), so every layer is one GEMM with its bias
+    # fused, and no NCHW<->NHWC conversion happens around the convolutions.
     def _first_layer(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """``A = W_t·t`` (``B×hidden×m×m``; ``B×hidden×1×1`` for a vector teacher) and ``S = W_s·s + b``."""
+        """``A = W_t·t`` and ``S = W_s·s + b`` as ``B×L×hidden`` (``L = m·m``, or 1 for a vector teacher)."""
         self._check_inputs(t, s)
         first = self.layers[0]
-        w_t = first.weight[:, : self.teacher_channels]
-        w_s = first.weight[:, self.teacher_channels :]
-        student_part = F.conv2d(s, w_s, first.bias)
-        if t.dim() == 2:
-            teacher_part = F.linear(t, w_t.flatten(1))[:, :, None, None]
-        else:
-            teacher_part = F.conv2d(t, w_t)
+        weight = first.weight.flatten(1)
+        w_t, w_s = weight[:, : self.teacher_channels], weight[:, self.teacher_channels :]
+        batch = s.shape[0]
+        student_part = F.linear(_locations(s), w_s, first.bias).view(batch, -1, self.hidden)
+        teacher_in = t if t.dim() == 2 else _locations(t)
+        teacher_part = F.linear(teacher_in, w_t).view(batch, -1, self.hidden)
         return teacher_part, student_part
 
     def _tail(self, pre: Tensor) -> Tensor:
-        """Layers after the first one's pre-activation (``pre`` must be a fresh tensor: ReLU in place)."""
-        h = F.relu_(pre)
+        """Layers after the first one's pre-activation ``pre`` (``N×hidden``).
+
+        ``pre`` is a view (flattened batch dims), so its ReLU is out of place: in place on a view costs
+        autograd a copy of the whole tensor in the backward. The later ReLUs act on fresh GEMM outputs.
+        """
+        h = F.relu(pre)
         for conv in self.layers[1:-1]:
-            h = F.relu_(conv(h))
-        return self.layers[-1](h)
+            h = F.relu_(F.linear(h, conv.weight.flatten(1), conv.bias))
+        last = self.layers[-1]
+        return F.linear(h, last.weight.flatten(1), last.bias)
 
     # -- public ---------------------------------------------------------------------------------------------
     def forward(self, t: Tensor, s: Tensor) -> Tensor:
         """Scores ``T([t_b ; s_b])`` of the aligned pairs, shape ``B×1×m×m``."""
         teacher_part, student_part = self._first_layer(t, s)
-        return self._tail(teacher_part + student_part)
+        scores = self._tail((teacher_part + student_part).flatten(0, 1))
+        return _as_maps(scores, s)
 
     def pair_scores(self, t: Tensor, s: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
         """Scores of the positive pairs and of the region-consistent negatives, sharing the first layer.
@@ -140,25 +159,23 @@ class ConcatConvCritic(nn.Module):
         neg)``; positives have shape ``B×1×m×m``.
         """
         perm = _check_perm(perm, s.shape[0], type(self).__name__)
-        teacher_part, student_part = self._first_layer(t, s)
+        teacher_part, student_part = self._first_layer(t, s)  # B×L×h (L = 1 for a vector teacher)
         perm = perm.to(teacher_part.device)
         batch = s.shape[0]
         if perm.dim() == 1:
-            # [A ; A[perm]] in one gather (only 2B×hidden×1×1 for a vector teacher), then S added to both
-            # halves: the 2B×hidden×m×m pre-activation is written once, like the naive first conv's output.
+            # [A ; A[perm]] in one gather (only 2B×1×h for a vector teacher), S broadcast onto both halves:
+            # the 2B·L×h pre-activation is written once, like the output of the naive first convolution.
             both = torch.cat([torch.arange(batch, device=perm.device), perm])
             teacher_both = teacher_part.index_select(0, both).unflatten(0, (2, batch))
-            if teacher_part.shape == student_part.shape:
-                pre = teacher_both.add_(student_part).flatten(0, 1)
-            else:
-                pre = (teacher_both + student_part).flatten(0, 1)
-        else:
-            neg_pre = (_take(teacher_part, perm) + student_part.unsqueeze(1)).flatten(0, 1)
-            pre = torch.cat([teacher_part + student_part, neg_pre])
+            scores = self._tail((teacher_both + student_part).flatten(0, 2)).view(2, batch, -1)
+            return _as_maps(scores[0], s), _as_maps(scores[1], s)
+        k = perm.shape[1]
+        neg_pre = _take(teacher_part, perm) + student_part.unsqueeze(1)  # B×K×L×h
+        pre = torch.cat([(teacher_part + student_part).flatten(0, 1), neg_pre.flatten(0, 2)])
         scores = self._tail(pre)
-        pos, neg = scores[:batch], scores[batch:]
-        if perm.dim() == 2:
-            neg = neg.unflatten(0, tuple(perm.shape))
+        locations = student_part.shape[1]
+        pos = _as_maps(scores[: batch * locations], s)
+        neg = _as_maps(scores[batch * locations :], s, batch * k).unflatten(0, (batch, k))
         return pos, neg
 
 

@@ -114,6 +114,7 @@ class MemoryBank(nn.Module):
         bound = 1.0 / math.sqrt(dim / 3.0)
         memory = torch.rand(num_samples, dim, generator=generator) * (2.0 * bound) - bound
         self.register_buffer("memory", memory)
+        self._saved_for_backward = False
 
     @property
     def num_samples(self) -> int:
@@ -170,6 +171,9 @@ class MemoryBank(nn.Module):
         if strategy == "auto":
             strategy = "full" if idx.numel() >= FULL_MATRIX_RATIO * self.num_samples else "rows"
         if strategy == "full":
+            if torch.is_grad_enabled() and z.requires_grad:
+                # mm saves the bank for its backward: the next update must not write into it (see update)
+                self._saved_for_backward = True
             return torch.mm(z, memory.t()).gather(1, idx)
         gathered = memory.index_select(0, idx.reshape(-1)).view(*idx.shape, self.dim)
         return torch.bmm(gathered, z.unsqueeze(2)).squeeze(2)
@@ -193,6 +197,12 @@ class MemoryBank(nn.Module):
         last.scatter_reduce_(0, idx, position, reduce="amax")
         z = z.index_select(0, last.index_select(0, idx))
         new = self.momentum * self.memory.index_select(0, idx) + (1.0 - self.momentum) * z
+        if self._saved_for_backward:
+            # The full-matrix scores of this step still need the old bank in their backward pass, and the
+            # update comes before it (inside the forward, as CRD does): write into a copy (one N×D memcpy,
+            # far cheaper than the B×(K+1)×D gather it replaces).
+            self.memory = self.memory.clone()
+            self._saved_for_backward = False
         self.memory.index_copy_(0, idx, F.normalize(new, dim=1))
 
 
