@@ -1,6 +1,6 @@
 """Distillation methods: one file per method, each registered by decorator (see :mod:`.registry`)."""
 
-from . import kd, vanilla  # noqa: F401  (registration)
+from . import kd, mimkd, vanilla  # noqa: F401  (registration)
 from .base import DistillContext, Distiller, InitStage, MethodOptions
 from .registry import available, build_distiller, get_method, register_distiller, validate_options
 
