@@ -280,7 +280,7 @@ def test_small_model_parameter_counts() -> None:
 def test_small_model_feature_shapes(name: str, stages, embedding) -> None:
     model = build_model(name, num_classes=10, in_channels=1)
     fp = model.feature_points
-    assert not fp.has_stem and fp.maps == fp.stages
+    assert fp.has_stem and fp.maps == fp.stages[1:]  # the first conv-BN-ReLU is the stem, as in the zoo
     out, feats = _tap_eval(model, torch.randn(2, 1, 28, 28))
     assert _shapes(feats, fp.stages) == stages and tuple(feats[fp.embedding].shape[1:]) == embedding
     assert torch.allclose(model.fc(feats[fp.embedding]), out, atol=1e-6)

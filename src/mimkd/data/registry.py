@@ -55,6 +55,8 @@ class DatasetSpec:
         splits: the split names the loader understands; ``"val"`` and ``"test"`` stand in for each other.
         aliases: other accepted names.
         needs_root: ``False`` for data that ships with a library (the loader then gets ``root=None``).
+        channels: image channels (3 for colour, 1 for grey), known without loading.
+        train_size: number of training images of the standard split, ``None`` when it varies.
     """
 
     name: str
@@ -71,6 +73,8 @@ class DatasetSpec:
     splits: tuple[str, ...] = ("train", "test")
     aliases: tuple[str, ...] = field(default=())
     needs_root: bool = True
+    channels: int = 3
+    train_size: int | None = None
 
     def resolve_split(self, split: str) -> str:
         """The loader's name for ``split`` (``val`` and ``test`` are interchangeable), or a DataError."""
@@ -119,6 +123,8 @@ def register_dataset(
     splits: Sequence[str] = ("train", "test"),
     aliases: Sequence[str] = (),
     needs_root: bool = True,
+    channels: int = 3,
+    train_size: int | None = None,
 ) -> Callable[[Loader], Loader]:
     """Decorator registering ``loader`` under ``name`` (stackable: one loader may serve several names)."""
 
@@ -140,6 +146,8 @@ def register_dataset(
             splits=tuple(splits),
             aliases=tuple(aliases),
             needs_root=needs_root,
+            channels=channels,
+            train_size=train_size,
         )
         for alias in aliases:
             _ALIASES[alias] = name

@@ -1,6 +1,7 @@
-"""Small CNNs for the Fashion-MNIST stand-in (28x28, 1 channel, 10 classes): ``conv4mp``, ``conv4mp_w32`` and
-``cnn_teacher``. They follow the spec §0 feature convention (stage maps, then the pre-classifier vector)
-without a stem (``has_stem=False``). All convolutions are 3x3, padding 1, bias-free and followed by BatchNorm;
+"""Small CNNs for the Fashion-MNIST stand-in (28x28, 1 channel, 10 classes): ``conv4mp``, ``conv4mp_w32``,
+``cnn_teacher``. They follow the spec §0 feature convention (stage maps, then the pre-classifier vector); as
+in every zoo model, the first conv-BN-ReLU counts as the stem (``feat[0]``), so the maps the feature methods
+use (``feat[1:-1]``) start at the second block. Convolutions are 3x3, padding 1, bias-free, then BatchNorm;
 weights use the zoo's Kaiming (fan-out) initialisation, linear layers PyTorch's default.
 """
 
@@ -33,7 +34,8 @@ class Conv4MP(nn.Module):
     Parameters: ``9*c*w + 2*w + 3*(9*w*w + 2*w) + w*K + K``; for c=1, K=10: 112,330 (w=64), 28,522 (w=32).
 
     Feature points: the post-ReLU map of each block BEFORE its max-pool (``block1..4``: 28, 14, 7, 3 for a
-    28x28 input), embedding ``fc:input`` (the ``w``-d pooled vector), no stem, no pre-activation points.
+    28x28 input), ``block1`` being the stem; embedding ``fc:input`` (the ``w``-d pooled vector); no
+    pre-activation points.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64):
@@ -54,7 +56,7 @@ class Conv4MP(nn.Module):
             stages=("block1", "block2", "block3", "block4"),
             preact=(None, None, None, None),
             embedding="fc:input",
-            has_stem=False,
+            has_stem=True,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,9 +81,9 @@ class CNNTeacher(nn.Module):
     Parameters: ``9*c*32 + 64 + 18,432 + 128 + 73,728 + 256 + 6272*128 + 128 + 128*K + K``; 897,130 for c=1,
     K=10.
 
-    Feature points: ``block1..3`` (post-ReLU, 28 / 14 / 7), no stem. The embedding is ``hidden_relu``: the
-    128-d post-ReLU hidden vector BEFORE dropout, so the captured value is dropout-free in training too (in
-    eval mode it equals ``fc``'s input).
+    Feature points: ``block1..3`` (post-ReLU, 28 / 14 / 7), ``block1`` being the stem. The embedding is
+    ``hidden_relu``: the 128-d post-ReLU hidden vector BEFORE dropout, so the captured value is dropout-free
+    in training too (in eval mode it equals ``fc``'s input).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.3):
@@ -102,7 +104,7 @@ class CNNTeacher(nn.Module):
             stages=("block1", "block2", "block3"),
             preact=(None, None, None),
             embedding="hidden_relu",
-            has_stem=False,
+            has_stem=True,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

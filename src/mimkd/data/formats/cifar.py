@@ -155,7 +155,7 @@ def _resolve(root: Path, layout: dict, spec: DatasetSpec) -> Path:
     )
 
 
-_CIFAR_AUG = {"crop_padding": 4, "flip": True, "image_size": 32}
+_CIFAR_AUG = {"crop_padding": 4, "flip": True, "image_size": 32, "train_size": 50000}
 
 
 @register_dataset(

@@ -31,6 +31,8 @@ TEST_FRACTION = 0.2
     crop_padding=1,
     flip=False,
     needs_root=False,
+    channels=1,
+    train_size=1438,
 )
 def load_digits_dataset(
     spec: DatasetSpec, root: Path | None, split: str, image_size: int | None

@@ -262,6 +262,7 @@ def load_folder(
     flip=True,
     resized_crop=True,
     splits=("train", "val"),
+    train_size=1281167,
     install_hint="Expected root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG (the usual layout)",
 )
 def load_imagenet(

@@ -89,6 +89,8 @@ def find_idx_file(root: Path, stem: str, kind: str) -> Path:
     image_size=28,
     crop_padding=2,
     flip=True,
+    channels=1,
+    train_size=60000,
     default_root=FASHION_MNIST_ROOT,
     install_hint=(
         "Install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (files go to "
@@ -104,6 +106,8 @@ def find_idx_file(root: Path, stem: str, kind: str) -> Path:
     image_size=28,
     crop_padding=2,
     flip=False,
+    channels=1,
+    train_size=60000,
     install_hint="Get the four idx files from http://yann.lecun.com/exdb/mnist/ and pass root=<directory>.",
 )
 def load_idx(spec: DatasetSpec, root: Path, split: str, image_size: int | None) -> ImageDataset:

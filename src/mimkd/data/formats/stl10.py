@@ -39,6 +39,7 @@ def _read(path: Path) -> np.ndarray:
     flip=True,
     install_hint="Download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz and extract it.",
     aliases=("stl-10",),
+    train_size=5000,
 )
 def load_stl10(spec: DatasetSpec, root: Path, split: str, image_size: int | None) -> ImageDataset:
     """STL-10 train (5,000) or test (8,000) images; ``root`` is ``stl10_binary/`` or its parent."""

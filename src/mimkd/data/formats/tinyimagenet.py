@@ -51,6 +51,7 @@ def _class_names(directory: Path, wnids: list[str]) -> list[str]:
     splits=("train", "val"),
     install_hint=f"Download {_URL} and extract it.",
     aliases=("tiny-imagenet", "tiny_imagenet"),
+    train_size=100000,
 )
 def load_tinyimagenet(
     spec: DatasetSpec,
