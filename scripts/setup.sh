@@ -9,16 +9,18 @@ DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 PY=${PYTHON:-python3}
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+TCMALLOC=$(ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null | head -1)
 
-if [ ! -f "$FMNIST" ]; then
-  echo "[setup] installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+# Fashion-MNIST (the demo's data) and tcmalloc (see src/mimkd/allocator.py: 1.4x faster MIMKD steps on CPU)
+if [ ! -f "$FMNIST" ] || [ -z "$TCMALLOC" ]; then
+  echo "[setup] installing Debian packages dataset-fashion-mnist libtcmalloc-minimal4"
   SUDO=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
   if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist libtcmalloc-minimal4 >/dev/null
   else
-    echo "[setup] WARNING: not root and no sudo: run 'apt-get install -y dataset-fashion-mnist' as root" >&2
+    echo "[setup] WARNING: not root and no sudo: run 'apt-get install -y dataset-fashion-mnist libtcmalloc-minimal4' as root" >&2
   fi
 fi
 

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from helpers import SMALL_RUN, needs_fmnist, run_cli
+from helpers import SMALL_RUN, kill_mid_run, needs_fmnist, run_cli
 
 pytestmark = needs_fmnist
 
@@ -29,29 +23,6 @@ ARGS = [
     "--set",
     "train.checkpoint_every_steps=4",
 ]
-
-
-def _kill_mid_run(out, name, seed: int) -> int:
-    """Start the run, SIGKILL it at a random point after its first checkpoint; return the step it reached."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mimkd", *ARGS, "--out", str(out), "--name", name],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    ckpt = out / name / "last.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("no checkpoint within 300 s")
-        time.sleep(0.05)
-    time.sleep(random.Random(seed).uniform(0.0, 2.0))
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    ck = torch.load(ckpt, weights_only=True)
-    return ck["epoch"] * 1000 + ck["step"]
 
 
 def _final(run_dir):
@@ -83,7 +54,8 @@ def _check_identical(reference, resumed):
 
 def _kill_and_resume(tmp_path, reference, trial: int) -> None:
     name = f"killed{trial}"
-    reached = _kill_mid_run(tmp_path, name, seed=trial)
+    train_seconds = json.loads((reference / "summary.json").read_text())["wall_time_s"]
+    reached = kill_mid_run(ARGS, tmp_path, name, seed=trial, max_delay=0.8 * train_seconds)
     assert reached < 2000, "the run finished before it was killed; nothing was tested"
     run_cli(*ARGS, "--out", str(tmp_path), "--name", name, "--resume")
     _check_identical(reference, tmp_path / name)

@@ -228,10 +228,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mimkd: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("mimkd: interrupted; a run can be continued with --resume", file=sys.stderr)
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``mimkd`` console command (and ``python -m mimkd``): tcmalloc if available, then :func:`main`."""
+    from mimkd.allocator import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc(["-m", "mimkd", *sys.argv[1:]])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

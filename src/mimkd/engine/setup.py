@@ -16,13 +16,14 @@ import torch
 import torch.nn as nn
 import yaml
 
-from mimkd.config import RunConfig
+from mimkd.config import ModelConfig, RunConfig
 from mimkd.data import BatchAugment, ImageDataset, dataset_spec, load_dataset, stratified_subset
 from mimkd.distillers import build_distiller
 from mimkd.distillers.base import Distiller
 from mimkd.errors import CheckpointError, ConfigError, MimkdError, ModelError
 from mimkd.evaluation.flops import count_flops, count_parameters
-from mimkd.models import build_model, model_factory
+from mimkd.features import FeatureTap, feature_points_of
+from mimkd.models import FeaturePoints, build_model, model_factory
 
 from .checkpoint import load_checkpoint, load_weights
 from .trainer import StudentInfo, Trainer
@@ -111,6 +112,23 @@ def load_data(cfg: RunConfig) -> tuple[ImageDataset, ImageDataset, Any]:
     return train, test, augment
 
 
+def override_points(net: nn.Module, spec: ModelConfig, sample: torch.Tensor) -> None:
+    """Attach the feature points named in the config (``stages``/``embedding``) to ``net``; the rest of the
+    points stay as declared or discovered. Unknown module paths are refused, with suggestions."""
+    if spec.stages is None and spec.embedding is None:
+        return
+    base = feature_points_of(net, sample)
+    stages = tuple(spec.stages) if spec.stages is not None else base.stages
+    points = FeaturePoints(
+        stages=stages,
+        preact=(None,) * len(stages) if spec.stages is not None else base.preact,
+        embedding=spec.embedding or base.embedding,
+        has_stem=False if spec.stages is not None else base.has_stem,
+    )
+    FeatureTap(net, [*points.stages, points.embedding]).remove()  # validates the module paths
+    net.feature_points = points
+
+
 @dataclass
 class Prepared:
     cfg: RunConfig
@@ -137,13 +155,15 @@ def prepare(cfg: RunConfig) -> Prepared:
     student = build_network(cfg.student.arch, num_classes, in_channels)
     if cfg.student.checkpoint:
         load_weights(student, cfg.student.checkpoint, cfg.student.arch)
+    sample = augment(train.images[: min(8, len(train))], torch.Generator().manual_seed(0))
+    override_points(student, cfg.student, sample)
     teacher, teacher_arch = None, None
     if cfg.teacher is not None and cfg.teacher.checkpoint:
         arch = cfg.teacher.arch if cfg.teacher.arch not in ("", "auto") else None
         teacher, teacher_arch = load_teacher(arch, cfg.teacher.checkpoint, num_classes, in_channels)
+        override_points(teacher, cfg.teacher, sample)
     elif cfg.teacher is not None:
         raise ConfigError("teacher.checkpoint: a teacher needs trained weights (--teacher PATH)")
-    sample = augment(train.images[: min(8, len(train))], torch.Generator().manual_seed(0))
     options = dict(cfg.method.options)
     distiller = build_distiller(
         cfg.method.name,
@@ -180,10 +200,10 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[s
         from mimkd.data import eval_batches
         from mimkd.evaluation.accuracy import evaluate
 
-        p.distiller.teacher.to(p.device)
-        p.summary_extra["teacher_test_top1"] = evaluate(
-            p.distiller.teacher, eval_batches(p.test, p.cfg.data.test_batch_size, p.device)
-        )["top1"]
+        fmt = torch.channels_last if p.cfg.train.channels_last else torch.contiguous_format
+        p.distiller.teacher.to(device=p.device, memory_format=fmt)
+        batches = eval_batches(p.test, p.cfg.data.test_batch_size, p.device)
+        p.summary_extra["teacher_test_top1"] = evaluate(p.distiller.teacher, batches, fmt)["top1"]
     info = StudentInfo(p.student_arch, p.train.num_classes, p.train.image_shape[0])
     trainer = Trainer(
         p.cfg,

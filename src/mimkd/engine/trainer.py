@@ -59,7 +59,8 @@ class Trainer:
         extra_summary: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.distiller = distiller.to(device)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.distiller = distiller.to(device=device, memory_format=self.memory_format)
         self.device = device
         self.run_dir = Path(run_dir)
         self.student_info = student_info
@@ -194,7 +195,8 @@ class Trainer:
                 if self.step >= spe:
                     break
                 set_lr(self.optimizer, lr_at(cfg.optim, epoch, self.step, spe))
-                logits, terms = d(batch.images, batch.labels, batch.index)
+                images = batch.images.contiguous(memory_format=self.memory_format)
+                logits, terms = d(images, batch.labels, batch.index)
                 total = sum(terms.values())
                 if not bool(torch.isfinite(total)):
                     self._non_finite(terms, epoch)
@@ -203,7 +205,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 self.optimizer.step()
-                n = batch.images.shape[0]
+                n = images.shape[0]
                 values = {f"loss.{k}": v.detach() for k, v in terms.items()}
                 values["loss.total"] = total.detach()
                 values.update({f"metric.{k}": v for k, v in d.metrics.items()})
@@ -276,7 +278,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         bs = self.cfg.data.test_batch_size
-        return evaluate(self.distiller.student, eval_batches(self.test_set, bs, self.device))
+        batches = eval_batches(self.test_set, bs, self.device)
+        return evaluate(self.distiller.student, batches, self.memory_format)
 
     def finish(self, log: MetricsLog) -> dict[str, Any]:
         records = log.records()

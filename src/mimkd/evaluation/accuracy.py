@@ -20,7 +20,9 @@ def topk_correct(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, num_samples: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches, memory_format: torch.memory_format = torch.contiguous_format
+) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` over ``batches`` of (images, labels, ...).
 
     The model is put in eval mode for the pass and restored to its previous mode afterwards.
@@ -31,7 +33,7 @@ def evaluate(model: nn.Module, batches, num_samples: int | None = None) -> dict[
     n = 0
     try:
         for batch in batches:
-            images, labels = batch[0], batch[1]
+            images, labels = batch[0].contiguous(memory_format=memory_format), batch[1]
             logits = model(images)
             a, b = topk_correct(logits, labels, (1, 5))
             ce = F.cross_entropy(logits.float(), labels, reduction="sum")
