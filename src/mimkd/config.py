@@ -111,6 +111,7 @@ class TrainConfig(_Strict):
     max_skipped_batches: int = Field(100, ge=0)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
     tensorboard: bool = True
+    eval_teacher: bool = True  # the teacher's test accuracy in summary.json (a check that it loaded right)
     channels_last: bool = True  # NHWC tensors: 1.4-2x faster for the small CNNs on CPU, the usual GPU win
     max_steps_per_epoch: int | None = Field(None, ge=1)  # for smoke runs
 

@@ -196,7 +196,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[s
     """Prepare and train; returns the run summary."""
     p = prepare(cfg)
     _claim_run_dir(p, resume, overwrite)
-    if p.distiller.teacher is not None:
+    if p.distiller.teacher is not None and p.cfg.train.eval_teacher:
         from mimkd.data import eval_batches
         from mimkd.evaluation.accuracy import evaluate
 

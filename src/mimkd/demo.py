@@ -1,0 +1,340 @@
+"""``mimkd demo``: the embedded default job — vanilla vs KD vs MIMKD on real data, in minutes on a laptop CPU.
+
+1. A ~0.9M-parameter teacher (``cnn_teacher``) is trained on all of Fashion-MNIST, or reused from the cache
+   directory when an identical one was trained before.
+2. A ~28k-parameter student (``conv4mp_w32``) is trained on a stratified 10 % of the training set with
+   ``vanilla``, ``kd`` and ``mimkd``, three seeds each, several runs in parallel on the CPU cores.
+3. A table (mean ± std of last- and best-epoch test accuracy) is printed and written with a bar chart.
+
+Runs that end near chance accuracy are flagged as diverged and left out of the means, not averaged in.
+Every run is an ordinary run directory: the demo resumes where it stopped if interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["run_demo", "DEMO"]
+
+#: The demo's protocol. Student recipe: the Fashion-MNIST stand-in preset (SGD, lr 0.05, cosine).
+DEMO: dict[str, Any] = {
+    "data": "fashion_mnist",
+    "train_fraction": 0.1,
+    # Trained without augmentation: for this short schedule that converges faster (measured: 92.5 % after 5
+    # epochs, 93.0 % after 6, against 91.7 % / 91.9 % with crop + flip).
+    "teacher": {
+        "arch": "cnn_teacher",
+        "epochs": 5,
+        "batch_size": 128,
+        "lr": 0.1,
+        "warmup_epochs": 1,
+        "augment": False,
+    },
+    "student": "conv4mp_w32",
+    "student_epochs": 15,
+    "methods": {
+        "vanilla": {},
+        "kd": {},  # RepDistiller's weights: 0.1 CE + 0.9 KD, T = 4
+        # The paper's weights and estimators; the critics are narrowed from 512 to 32 channels to suit a
+        # 28k-parameter student (the 512-wide default costs 30x the student's own step on this CPU).
+        "mimkd": {"critic_width": 32},
+    },
+}
+
+
+def _teacher_config(cache_dir: Path, epochs: int, fraction: float) -> dict[str, Any]:
+    t = DEMO["teacher"]
+    cfg = {
+        "seed": 0,
+        "data": {"name": DEMO["data"], "train_fraction": fraction, "augment": t["augment"]},
+        "student": {"arch": t["arch"]},
+        "method": {"name": "vanilla"},
+        "optim": {
+            "recipe": "fashion_mnist",
+            "epochs": epochs,
+            "batch_size": t["batch_size"],
+            "lr": t["lr"],
+            "warmup_epochs": t["warmup_epochs"],
+            "nesterov": True,
+        },
+    }
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    cfg["out_dir"] = str(cache_dir / "teachers")
+    cfg["name"] = f"{t['arch']}_{DEMO['data']}_{key}"
+    return cfg
+
+
+def _student_config(
+    method: str, seed: int, teacher_ckpt: Path, out_dir: Path, epochs: int, fraction: float
+) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "seed": seed,
+        "out_dir": str(out_dir / "runs"),
+        "name": f"{method}_s{seed}",
+        "data": {"name": DEMO["data"], "train_fraction": fraction},
+        "student": {"arch": DEMO["student"]},
+        "method": {"name": method, **DEMO["methods"][method]},
+        "optim": {"recipe": "fashion_mnist", "epochs": epochs},
+        "train": {"progress": False, "eval_teacher": False},  # its accuracy is known from its own run
+    }
+    if method != "vanilla":
+        cfg["teacher"] = {"arch": DEMO["teacher"]["arch"], "checkpoint": str(teacher_ckpt)}
+    return cfg
+
+
+def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return s if s.get("status") == "finished" and s.get("epochs") == epochs else None
+
+
+def _run_one(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Worker: one run (resumes if its directory holds an interrupted one)."""
+    import torch
+
+    from mimkd.config import build_config
+    from mimkd.engine.setup import run
+    from mimkd.errors import MimkdError
+
+    torch.set_num_threads(threads)
+    cfg = build_config({**cfg_dict, "threads": threads})
+    try:
+        return run(cfg, resume=True)
+    except MimkdError as e:
+        return {"status": "failed", "error": str(e), "method": cfg.method.name}
+
+
+def _epochs_done(run_dir: Path) -> int:
+    try:
+        return sum(1 for _ in (run_dir / "metrics.jsonl").open())
+    except OSError:
+        return 0
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def summarise(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per method: mean ± sample std of last- and best-epoch top-1 over the runs that did not diverge."""
+    rows = []
+    for method, runs in summaries.items():
+        ok = [s for s in runs if s.get("status") == "finished" and not s.get("diverged")]
+        last = [s["last"]["top1"] for s in ok]
+        best = [s["best"]["top1"] for s in ok]
+        rows.append(
+            {
+                "method": method,
+                "runs": len(ok),
+                "diverged_or_failed": len(runs) - len(ok),
+                "last_mean": _stats(last)[0],
+                "last_std": _stats(last)[1],
+                "best_mean": _stats(best)[0],
+                "best_std": _stats(best)[1],
+                "last": last,
+                "best": best,
+                "seconds_per_run": _stats([s.get("wall_time_s", 0.0) for s in ok])[0],
+            }
+        )
+    base = next((r for r in rows if r["method"] == "vanilla"), None)
+    for r in rows:
+        r["gain_vs_vanilla"] = r["last_mean"] - base["last_mean"] if base else float("nan")
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| method | last epoch top-1 (%) | best epoch top-1 (%) | gain vs vanilla (last) | runs | s/run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flag = f" ({r['diverged_or_failed']} diverged/failed, excluded)" if r["diverged_or_failed"] else ""
+        lines.append(
+            f"| {r['method']} | {r['last_mean']:.2f} ± {r['last_std']:.2f} | {r['best_mean']:.2f} ± "
+            f"{r['best_std']:.2f} | {r['gain_vs_vanilla']:+.2f} | {r['runs']}{flag} | "
+            f"{r['seconds_per_run']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], teacher_acc: float | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {"vanilla": "#8c8c8c", "kd": "#4c72b0", "mimkd": "#c44e52"}
+    for i, r in enumerate(rows):
+        ax.bar(
+            i,
+            r["last_mean"],
+            yerr=r["last_std"],
+            capsize=6,
+            color=colours.get(r["method"], "#55a868"),
+            alpha=0.85,
+        )
+        ax.scatter([i] * len(r["last"]), r["last"], color="black", s=12, zorder=3)
+        top = max([r["last_mean"] + r["last_std"], *r["last"]])
+        ax.text(i, top + 0.12, f"{r['last_mean']:.2f}", ha="center", fontsize=9)
+    if teacher_acc is not None:
+        ax.axhline(teacher_acc, ls="--", color="black", lw=1)
+        ax.text(len(rows) - 0.5, teacher_acc + 0.05, f"teacher {teacher_acc:.2f}", ha="right", fontsize=8)
+    vals = [v for r in rows for v in r["last"]] + ([teacher_acc] if teacher_acc else [])
+    if vals:
+        ax.set_ylim(min(vals) - 1.0, max(vals) + 0.6)
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
+    ax.set_ylabel("test top-1 (%), last epoch")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _train_teacher(cache_dir: Path, progress: bool | None, epochs: int, fraction: float):
+    from mimkd.config import build_config
+    from mimkd.engine.setup import run
+
+    cfg_dict = _teacher_config(cache_dir, epochs, fraction)
+    run_dir = Path(cfg_dict["out_dir"]) / cfg_dict["name"]
+    done = _finished(run_dir, epochs)
+    if done:
+        print(f"[demo] teacher: reusing {run_dir} (test top-1 {done['last']['top1']:.2f} %)")
+        return run_dir / "last.pt", done
+    print(
+        f"[demo] teacher: training {DEMO['teacher']['arch']} on {fraction:.0%} of Fashion-MNIST for "
+        f"{epochs} epochs (cached in {run_dir} for next time)",
+        flush=True,
+    )
+    cfg_dict["train"] = {"progress": progress}
+    summary = run(build_config(cfg_dict), resume=True)
+    print(f"[demo] teacher: test top-1 {summary['last']['top1']:.2f} % in {summary['wall_time_s']:.0f} s")
+    return run_dir / "last.pt", summary
+
+
+def run_demo(
+    out_dir: str = "runs/demo",
+    cache_dir: str | None = None,
+    seeds: int = 3,
+    epochs: int | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+    *,
+    teacher_epochs: int | None = None,
+    teacher_fraction: float = 1.0,
+    train_fraction: float | None = None,
+) -> dict:
+    """Run the demo; returns the results dict also written to ``OUT/results.json``.
+
+    ``teacher_epochs``, ``teacher_fraction`` and ``train_fraction`` shrink the protocol for smoke tests.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir or os.environ.get("MIMKD_CACHE") or Path.home() / ".cache" / "mimkd")
+    epochs = epochs or DEMO["student_epochs"]
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers or cores, cores))
+    threads = max(1, cores // workers)
+
+    teacher_epochs = teacher_epochs or DEMO["teacher"]["epochs"]
+    fraction = train_fraction or DEMO["train_fraction"]
+    teacher_ckpt, teacher = _train_teacher(cache, progress, teacher_epochs, teacher_fraction)
+    teacher_acc = teacher["last"]["top1"]
+    t_teacher = time.time() - t0
+
+    jobs = []  # longest first: mimkd, kd, vanilla (better packing on the workers)
+    for method in reversed(list(DEMO["methods"])):
+        for seed in range(seeds):
+            jobs.append((method, seed, _student_config(method, seed, teacher_ckpt, out, epochs, fraction)))
+    print(
+        f"[demo] students: {DEMO['student']} on {fraction:.0%} of Fashion-MNIST, "
+        f"{epochs} epochs, methods {', '.join(DEMO['methods'])} x {seeds} seeds; {workers} parallel run(s) "
+        f"x {threads} thread(s)",
+        flush=True,
+    )
+    summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in DEMO["methods"]}
+    pending = {}
+    run_dirs = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        for method, _seed, cfg in jobs:
+            run_dir = Path(cfg["out_dir"]) / cfg["name"]
+            run_dirs.append(run_dir)
+            done = _finished(run_dir, epochs)
+            if done:
+                summaries[method].append(done)
+                continue
+            pending[pool.submit(_run_one, cfg, threads)] = method
+        total = len(jobs) * epochs
+        enabled = sys.stderr.isatty() if progress is None else progress
+        with tqdm(
+            total=total, desc="demo runs", unit="epoch", disable=not enabled, dynamic_ncols=True
+        ) as bar:
+            while pending:
+                for fut in [f for f in pending if f.done()]:
+                    summaries[pending.pop(fut)].append(fut.result())
+                bar.n = sum(min(_epochs_done(d), epochs) for d in run_dirs)
+                bar.refresh()
+                time.sleep(0.5)
+            bar.n = total
+            bar.refresh()
+    for method, runs in summaries.items():
+        for s in runs:
+            if s.get("status") == "failed":
+                print(f"[demo] a {method} run failed: {s.get('error')}", file=sys.stderr)
+    rows = summarise(summaries)
+    wall = time.time() - t0
+    header = (
+        f"Fashion-MNIST stand-in: teacher {DEMO['teacher']['arch']} ({teacher_acc:.2f} %) -> student "
+        f"{DEMO['student']}, {fraction:.0%} of the training set, {epochs} epochs, "
+        f"{seeds} seeds (mean ± std); demo wall time {wall / 60:.1f} min"
+    )
+    table = format_table(rows, header)
+    print("\n" + table)
+    title = f"{DEMO['student']} on {fraction:.0%} of Fashion-MNIST, {seeds} seeds, {epochs} epochs"
+    plot(rows, teacher_acc, out / "demo.png", title)
+    results = {
+        "protocol": DEMO
+        | {
+            "student_epochs": epochs,
+            "seeds": seeds,
+            "train_fraction": fraction,
+            "teacher": DEMO["teacher"] | {"epochs": teacher_epochs, "fraction": teacher_fraction},
+        },
+        "teacher": {
+            "checkpoint": str(teacher_ckpt),
+            "test_top1": teacher_acc,
+            "train_seconds": teacher.get("wall_time_s"),
+        },
+        "rows": rows,
+        "wall_time_s": wall,
+        "teacher_phase_s": t_teacher,
+        "workers": workers,
+        "threads_per_worker": threads,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    (out / "protocol.yaml").write_text(yaml.safe_dump(results["protocol"], sort_keys=False))
+    print(f"\n[demo] table: {out / 'results.md'}   plot: {out / 'demo.png'}   runs: {out / 'runs'}")
+    return results
