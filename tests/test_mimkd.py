@@ -169,6 +169,9 @@ def test_jsd_global_ablation_uses_no_bank_and_bank_variants_run():
     _, terms = d(torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3]), None)
     assert torch.isfinite(terms["mi_global"])
     assert d.metrics["mi_global"] <= 0  # the JSD bound of Eq. 2 is never positive
+    assert d.global_critic.normalize  # bounded scores: |T| <= 1/tau (the raw dot product diverged)
+    raw = _build("resnet20", "resnet8", global_estimator="jsd", jsd_global_score="dot")
+    assert not raw.global_critic.normalize
     d = _build("resnet20", "resnet8", global_estimator="nce")
     _, terms = d(torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3]), torch.tensor([3, 4, 5]))
     assert float(d.contrast.z_student_anchor) > 0  # CRD's Z fixed at the first call

@@ -237,7 +237,7 @@ class Trainer:
 
     def _non_finite(self, terms: dict[str, torch.Tensor], epoch: int) -> None:
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())] or ["total"]
-        values = ", ".join(str(float(terms[k])) if k in terms else "nan" for k in bad)
+        values = ", ".join(str(float(terms[k].detach())) if k in terms else "nan" for k in bad)
         msg = (
             f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: term(s) {', '.join(bad)} = {values}"
         )
