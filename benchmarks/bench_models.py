@@ -56,10 +56,15 @@ def bench(name: str, batch: int, steps: int, fmt: torch.memory_format) -> dict:
     model.eval()
     with torch.no_grad():
         t_fwd = _time(lambda: model(x), steps)
-    return {"model": name, "input": [channels, size, size], "batch": batch,
-            "format": "channels_last" if fmt == torch.channels_last else "NCHW",
-            "train_images_per_s": batch / t_train, "forward_images_per_s": batch / t_fwd,
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "model": name,
+        "input": [channels, size, size],
+        "batch": batch,
+        "format": "channels_last" if fmt == torch.channels_last else "NCHW",
+        "train_images_per_s": batch / t_train,
+        "forward_images_per_s": batch / t_fwd,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -72,17 +77,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default="results/bench_models")
     args = ap.parse_args()
-    rows = [bench(m, args.batch, args.steps, fmt) for m in args.models.split(",")
-            for fmt in (torch.contiguous_format, torch.channels_last)]
+    rows = [
+        bench(m, args.batch, args.steps, fmt)
+        for m in args.models.split(",")
+        for fmt in (torch.contiguous_format, torch.channels_last)
+    ]
     alloc = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc"
     env = f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {alloc}"
-    lines = [f"# Zoo models: images/s on this CPU (batch {args.batch})", "",
-             f"`benchmarks/bench_models.py` ({env}); median of {args.steps} iterations.", "",
-             "| model | input | params | format | train step img/s | inference forward img/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Zoo models: images/s on this CPU (batch {args.batch})",
+        "",
+        f"`benchmarks/bench_models.py` ({env}); median of {args.steps} iterations.",
+        "",
+        "| model | input | params | format | train step img/s | inference forward img/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['params']:,} | {r['format']} | "
-                     f"{r['train_images_per_s']:.0f} | {r['forward_images_per_s']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['params']:,} | {r['format']} | "
+            f"{r['train_images_per_s']:.0f} | {r['forward_images_per_s']:.0f} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
