@@ -67,14 +67,20 @@ class MetricsLog:
             except ImportError:  # tensorboard is a dependency, but keep training if it is broken
                 self.writer = None
 
-    def truncate_from_epoch(self, epoch: int) -> None:
-        """Drop records of epochs >= ``epoch`` (they are redone after a resume)."""
+    def truncate_from_epoch(self, epoch: int, init_position: tuple[int, int] | None = None) -> None:
+        """Drop records of epochs >= ``epoch`` (they are redone after a resume), and init-stage records at
+        (stage, epoch) >= ``init_position`` when the run resumes inside an init stage."""
         if not self.path.exists():
             return
         keep = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line).get("epoch", -1) < epoch:
+                rec = json.loads(line)
+                if "stage_index" in rec:
+                    pos = (rec["stage_index"], rec["stage_epoch"])
+                    if init_position is None or pos < init_position:
+                        keep.append(line)
+                elif rec.get("epoch", -1) < epoch:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash

@@ -28,6 +28,7 @@ from mimkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mimkd.evaluation.accuracy import evaluate, topk_correct
 
 from .checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
+from .init_stages import InitProgress, run_init_stages
 from .logging import Meter, MetricsLog, progress_bar, write_json
 from .recipe import build_optimizer, lr_at, set_lr
 
@@ -81,6 +82,10 @@ class Trainer:
                 f"optim.batch_size={o.batch_size} is larger than the training set ({len(train_set)} images)"
             )
         self.test_set = test_set
+        self.train_set = train_set
+        self.augment = augment
+        self.init_progress = InitProgress()  # the method's init stages (AB, FT, FSP, FitNets hints)
+        self.init_optimizer: torch.optim.Optimizer | None = None
         self.steps_per_epoch = len(self.iterator)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -139,9 +144,15 @@ class Trainer:
             "meter": self.meter.state_dict(),
             "best": dict(self.best),
             "skipped": self.skipped,
+            "init": self._init_state(),
             "wall_time": self.wall_before + (time.time() - self._t0),
             "config": self.cfg.model_dump(mode="json"),
         }
+
+    def _init_state(self) -> dict[str, Any]:
+        if self.init_optimizer is not None:
+            self.init_progress.optimizer_state = self.init_optimizer.state_dict()
+        return self.init_progress.state_dict()
 
     def save(self, name: str = "last.pt") -> None:
         atomic_save(self.state(), self.run_dir / name)
@@ -158,6 +169,10 @@ class Trainer:
         self.meter.load_state_dict(ck["meter"], self.device)
         self.best = ck["best"]
         self.skipped = ck.get("skipped", 0)
+        if "init" in ck:
+            self.init_progress.load_state_dict(ck["init"])
+        else:  # a checkpoint from before init stages existed: its run had none left to do
+            self.init_progress.done = len(self.distiller.init_stages())
         self.wall_before = float(ck.get("wall_time", 0.0))
 
     # ------------------------------------------------------------------------------------------------
@@ -173,9 +188,12 @@ class Trainer:
             tensorboard=self.cfg.train.tensorboard,
             purge_step=self.global_step if resume else None,
         )
-        log.truncate_from_epoch(self.epoch)
+        n_init = len(self.distiller.init_stages())
+        p = self.init_progress
+        log.truncate_from_epoch(self.epoch, (p.done, p.epoch) if p.done < n_init else None)
         epochs = self.cfg.optim.epochs
         try:
+            run_init_stages(self, log)
             while self.epoch < epochs:
                 self._train_epoch(log)
         finally:
