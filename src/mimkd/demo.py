@@ -76,7 +76,13 @@ def _teacher_config(cache_dir: Path, epochs: int, fraction: float) -> dict[str, 
 
 
 def _student_config(
-    method: str, seed: int, teacher_ckpt: Path, out_dir: Path, epochs: int, fraction: float
+    method: str,
+    seed: int,
+    teacher_ckpt: Path,
+    out_dir: Path,
+    epochs: int,
+    fraction: float,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "seed": seed,
@@ -84,7 +90,7 @@ def _student_config(
         "name": f"{method}_s{seed}",
         "data": {"name": DEMO["data"], "train_fraction": fraction},
         "student": {"arch": DEMO["student"]},
-        "method": {"name": method, **DEMO["methods"][method]},
+        "method": {"name": method, **options},
         "optim": {"recipe": "fashion_mnist", "epochs": epochs},
         "train": {"progress": False, "eval_teacher": False},  # its accuracy is known from its own run
     }
@@ -168,6 +174,9 @@ def format_table(rows: list[dict[str, Any]], header: str) -> str:
     ]
     for r in rows:
         flag = f" ({r['diverged_or_failed']} diverged/failed, excluded)" if r["diverged_or_failed"] else ""
+        if not r["runs"]:
+            lines.append(f"| {r['method']} | N/A | N/A | | 0{flag} | |")
+            continue
         lines.append(
             f"| {r['method']} | {r['last_mean']:.2f} ± {r['last_std']:.2f} | {r['best_mean']:.2f} ± "
             f"{r['best_std']:.2f} | {r['gain_vs_vanilla']:+.2f} | {r['runs']}{flag} | "
@@ -182,7 +191,8 @@ def plot(rows: list[dict[str, Any]], teacher_acc: float | None, path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in rows if r["runs"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(rows) + 2.0), 4))
     colours = {"vanilla": "#8c8c8c", "kd": "#4c72b0", "mimkd": "#c44e52"}
     for i, r in enumerate(rows):
         ax.bar(
@@ -202,7 +212,7 @@ def plot(rows: list[dict[str, Any]], teacher_acc: float | None, path: Path, titl
     vals = [v for r in rows for v in r["last"]] + ([teacher_acc] if teacher_acc else [])
     if vals:
         ax.set_ylim(min(vals) - 1.0, max(vals) + 0.6)
-    ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30 if len(rows) > 6 else 0)
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -242,10 +252,15 @@ def run_demo(
     teacher_epochs: int | None = None,
     teacher_fraction: float = 1.0,
     train_fraction: float | None = None,
+    methods: dict[str, dict[str, Any]] | None = None,
+    plot_name: str = "demo.png",
 ) -> dict:
     """Run the demo; returns the results dict also written to ``OUT/results.json``.
 
     ``teacher_epochs``, ``teacher_fraction`` and ``train_fraction`` shrink the protocol for smoke tests.
+    ``methods`` (``{method: options}``, default the demo's vanilla/kd/mimkd) runs other methods on the same
+    protocol (``experiments/baselines_fmnist.py``); a method with a ``runs_as`` key runs that registered
+    method under this row name (e.g. two option sets of one method).
     """
     from tqdm.auto import tqdm
 
@@ -264,17 +279,22 @@ def run_demo(
     teacher_acc = teacher["last"]["top1"]
     t_teacher = time.time() - t0
 
-    jobs = []  # longest first: mimkd, kd, vanilla (better packing on the workers)
-    for method in reversed(list(DEMO["methods"])):
+    methods = dict(methods or DEMO["methods"])
+    jobs = []  # last row first: mimkd, kd, vanilla for the demo (better packing on the workers)
+    for method in reversed(list(methods)):
+        opts = dict(methods[method])
+        registered = opts.pop("runs_as", method)
         for seed in range(seeds):
-            jobs.append((method, seed, _student_config(method, seed, teacher_ckpt, out, epochs, fraction)))
+            cfg = _student_config(registered, seed, teacher_ckpt, out, epochs, fraction, opts)
+            cfg["name"] = f"{method}_s{seed}"
+            jobs.append((method, seed, cfg))
     print(
         f"[demo] students: {DEMO['student']} on {fraction:.0%} of Fashion-MNIST, "
-        f"{epochs} epochs, methods {', '.join(DEMO['methods'])} x {seeds} seeds; {workers} parallel run(s) "
+        f"{epochs} epochs, methods {', '.join(methods)} x {seeds} seeds; {workers} parallel run(s) "
         f"x {threads} thread(s)",
         flush=True,
     )
-    summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in DEMO["methods"]}
+    summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     pending = {}
     run_dirs = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
@@ -313,10 +333,11 @@ def run_demo(
     table = format_table(rows, header)
     print("\n" + table)
     title = f"{DEMO['student']} on {fraction:.0%} of Fashion-MNIST, {seeds} seeds, {epochs} epochs"
-    plot(rows, teacher_acc, out / "demo.png", title)
+    plot(rows, teacher_acc, out / plot_name, title)
     results = {
         "protocol": DEMO
         | {
+            "methods": methods,
             "student_epochs": epochs,
             "seeds": seeds,
             "train_fraction": fraction,
@@ -328,6 +349,9 @@ def run_demo(
             "train_seconds": teacher.get("wall_time_s"),
         },
         "rows": rows,
+        "failures": {
+            m: [s.get("error") for s in runs if s.get("status") == "failed"] for m, runs in summaries.items()
+        },
         "wall_time_s": wall,
         "teacher_phase_s": t_teacher,
         "workers": workers,
@@ -336,5 +360,5 @@ def run_demo(
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(table + "\n")
     (out / "protocol.yaml").write_text(yaml.safe_dump(results["protocol"], sort_keys=False))
-    print(f"\n[demo] table: {out / 'results.md'}   plot: {out / 'demo.png'}   runs: {out / 'runs'}")
+    print(f"\n[demo] table: {out / 'results.md'}   plot: {out / plot_name}   runs: {out / 'runs'}")
     return results
