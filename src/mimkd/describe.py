@@ -69,11 +69,22 @@ def describe(
     vanilla = build_distiller("vanilla", s_net, None, x, num_classes=classes)
     student_fwd = count_flops(s_net, x) / _BATCH
     teacher_fwd = count_flops(t_net, x) / _BATCH
+    teacher_calls: list[int] = []
+    hook = t_net.register_forward_hook(lambda *_: teacher_calls.append(1))
     total_fwd = count_flops(lambda a: d(a, y, idx), x) / _BATCH
+    hook.remove()
+    if not teacher_calls:  # the main stage does not run the teacher (AB, FSP: CE only after their init stage)
+        teacher_fwd = 0.0
     student_step = _step_flops(vanilla, x, y, idx) / _BATCH
     total_step = _step_flops(d, x, y, idx) / _BATCH
     s_params, t_params = count_parameters(s_net), count_parameters(t_net)
-    extra = sum(p.numel() for _, p in d.trainable_named_parameters()) - s_params
+    # the method's own parameters, trained in the main stage or in an init stage (AB's connectors, FT's
+    # paraphraser)
+    extra = sum(
+        p.numel()
+        for name, p in d.named_parameters()
+        if p.requires_grad and not name.startswith(("student.", "teacher."))
+    )
     info = d.describe()
     info.update(
         {
@@ -115,6 +126,16 @@ def format_description(info: dict[str, Any]) -> str:
                 f"  teacher {p['teacher']} {tuple(p['teacher_shape'])}  <->  "
                 f"student {p['student']} {tuple(p['student_shape'])}"
             )
+    for side in ("teacher", "student"):
+        if info.get(f"{side}_points"):
+            pts = ", ".join(f"{k} {tuple(v)}" for k, v in info[f"{side}_points"].items())
+            lines.append(f"{side} features read: {pts}")
+    for name, n in info.get("modules", {}).items():
+        lines.append(f"module {name}: {_g(n)} params")
+    if info.get("init_stages"):
+        lines.append(
+            "init stages: " + ", ".join(f"{s['name']} ({s['epochs']} epochs)" for s in info["init_stages"])
+        )
     if info.get("local_map"):
         lines.append(f"local term student map: {info['local_map']}")
     for name, c in info.get("critics", {}).items():

@@ -167,4 +167,5 @@ class FeatureDistiller(Distiller):
             if n not in ("student", "teacher") and isinstance(m, nn.Module)
         }
         info["modules"] = {k: v for k, v in extra.items() if v}
+        info["init_stages"] = [{"name": s.name, "epochs": s.epochs} for s in self.init_stages()]
         return info
