@@ -133,3 +133,33 @@ def test_resume_inside_init_stage_is_bit_identical(tiny_teacher, tmp_path):
     assert b["init"]["done"] == 1
     recs = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage_epoch"] for r in recs if "stage_index" in r] == [0, 1]  # no duplicated stage epoch
+
+
+@pytest.mark.parametrize(
+    ("method", "sets", "stage_term", "main_term"),
+    [
+        ("ft", ["method.init_epochs=1"], "init.loss.paraphraser", "loss.ft"),
+        ("fitnets", ["method.two_stage=true", "method.init_epochs=1"], "init.loss.hint", "loss.ce"),
+        ("crd", [], None, "loss.crd"),
+    ],
+)
+def test_cli_distill_with_baselines_end_to_end(tiny_teacher, tmp_path, method, sets, stage_term, main_term):
+    """A real `mimkd distill` run per kind of baseline: an init stage then the main stage, or the bank."""
+    from helpers import SMALL_RUN, run_cli
+
+    extra = [a for s in sets for a in ("--set", s)]
+    run_cli(
+        "distill", "--teacher", str(tiny_teacher), "--student", "conv4mp_w32", "--method", method,
+        *SMALL_RUN, "--epochs", "1", *extra, "--out", str(tmp_path), "--name", "r",
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["method"] == method
+    assert summary["last"]["top1"] > 20.0
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    stage = [r for r in recs if "stage_index" in r]
+    main = [r for r in recs if "test.top1" in r]
+    if stage_term:
+        assert len(stage) == 1 and stage[0][stage_term] > 0
+    else:
+        assert not stage
+    assert len(main) == 1 and main[0][main_term] > 0
