@@ -75,6 +75,11 @@ def main() -> None:
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     table = (out / "results.md").read_text()
+    # the harness reports this invocation's wall time, which is ~0 when every run was already finished
+    run_minutes = sum(r["seconds_per_run"] * r["runs"] for r in res["rows"] if r["runs"]) / 60
+    head, _, rest = table.partition("\n")
+    head = head.split("; demo wall time")[0] + f"; {run_minutes:.0f} run-minutes in total (2 at a time)"
+    table = head + "\n" + rest
     failed = {m: sorted(set(errors)) for m, errors in res["failures"].items()}
     notes = [f"- {m}: {'; '.join(e)}" for m, e in failed.items() if e]
     text = table + ("\n\nRuns that could not start:\n" + "\n".join(notes) if notes else "") + "\n"
