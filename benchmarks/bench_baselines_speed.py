@@ -35,32 +35,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mimkd
 import mimkd.distillers
-from mimkd.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_mimkd_speed as mimkd_speed  # noqa: E402  (the same build and step as the MIMKD benchmark)
 
 CLASSES = 100
 N_TRAIN = 50000
 
 
 def build(method: str, teacher: str, student: str, fmt):
-    torch.manual_seed(0)
-    s = build_model(student, num_classes=CLASSES)
-    t = build_model(teacher, num_classes=CLASSES) if method != "vanilla" else None
-    x = torch.randn(8, 3, 32, 32)
-    labels = torch.arange(N_TRAIN) % CLASSES
-    d = mimkd.build_distiller(method, s, t, x, num_classes=CLASSES, train_labels=labels)
-    d = d.to(memory_format=fmt).train()
-    opt = torch.optim.SGD(
-        [p for _, p in d.trainable_named_parameters()], lr=0.01, momentum=0.9, weight_decay=5e-4
-    )
-    return d, opt
+    """The distiller and its SGD, built as ``bench_mimkd_speed`` builds them (CIFAR-100 sized bank)."""
+    return mimkd_speed.build(method, teacher, student, 8, CLASSES, N_TRAIN, fmt)
 
 
-def step(d, opt, x, y, idx) -> None:
-    _, terms = d(x, y, idx)
-    loss = sum(terms.values())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+step = mimkd_speed.step
 
 
 def measure(methods: list[str], args, fmt) -> tuple[list[dict], dict[str, str]]:

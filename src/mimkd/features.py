@@ -26,7 +26,15 @@ import torch.nn as nn
 from mimkd.errors import ModelError, did_you_mean
 from mimkd.models.registry import FeaturePoints
 
-__all__ = ["FeatureTap", "FeatureSpec", "discover_points", "feature_points_of", "pair_by_size"]
+__all__ = [
+    "FeatureTap",
+    "FeatureSpec",
+    "discover_points",
+    "feature_points_of",
+    "pair_by_size",
+    "parse_point",
+    "probe_forward",
+]
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,8 @@ class FeatureSpec:
         return (self.shape[1], self.shape[2]) if self.is_map else None
 
 
-def _parse(point: str) -> tuple[str, bool]:
+def parse_point(point: str) -> tuple[str, bool]:
+    """``"path:input"`` → ``("path", True)``; ``"path"`` or ``"path:output"`` → ``("path", False)``."""
     if point.endswith(":input"):
         return point[: -len(":input")], True
     if point.endswith(":output"):
@@ -87,7 +96,7 @@ class FeatureTap:
         modules = dict(model.named_modules())
         by_module: dict[str, list[tuple[str, bool]]] = {}
         for point in self.points:
-            path, is_input = _parse(point)
+            path, is_input = parse_point(point)
             if path not in modules:
                 raise ModelError(
                     f"feature point {point!r}: {type(model).__name__} has no module {path!r}."
@@ -171,6 +180,20 @@ class FeatureTap:
         return [FeatureSpec(k, tuple(v.shape[1:])) for k, v in feats.items()]
 
 
+def probe_forward(model: nn.Module, sample_input: torch.Tensor, handles: Iterable = ()) -> None:
+    """One eval-mode, no-grad forward pass of ``model`` (for hooks to observe); the model's mode is restored
+    and ``handles`` (the probe's hooks) are removed afterwards, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def feature_points_of(model: nn.Module, sample_input: torch.Tensor | None = None) -> FeaturePoints:
     """The declared feature points of a zoo model, else those discovered by one probe batch."""
     declared = getattr(model, "feature_points", None)
@@ -207,15 +230,7 @@ def discover_points(model: nn.Module, sample_input: torch.Tensor) -> FeaturePoin
                 linears.append(name)
 
         handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(sample_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe_forward(model, sample_input, handles)
 
     last_at: OrderedDict[tuple[int, int], str] = OrderedDict()
     for name, shape in events:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from mimkd.errors import MethodError
+from mimkd.features import parse_point, probe_forward
 
 from .kd import kd_loss
 
@@ -98,23 +98,14 @@ def modules_up_to(
         handles.append(module.register_forward_pre_hook(record(started, name)))
         handles.append(module.register_forward_hook(record(finished, name)))
     for point in points:
-        is_input = point.endswith(":input")
-        path = point.removesuffix(":input").removesuffix(":output")
+        path, is_input = parse_point(point)
         if path not in named:
             raise MethodError(f"feature point {point!r}: {type(model).__name__} has no module {path!r}")
         if is_input:
             handles.append(named[path].register_forward_pre_hook(record(produced, point)))
         else:
             handles.append(named[path].register_forward_hook(record(produced, point)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(sample_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe_forward(model, sample_input, handles)
     missing = [p for p in points if p not in produced]
     if missing:
         raise MethodError(
