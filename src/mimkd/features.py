@@ -56,6 +56,18 @@ class FeatureSpec:
     def spatial(self) -> tuple[int, int] | None:
         return (self.shape[1], self.shape[2]) if self.is_map else None
 
+    def vector_dim(self, owner: str, who: str) -> int:
+        """Length of this point as a vector (a ``C×1×1`` map counts as one); a larger map is refused with an
+        error naming ``owner`` (the method) and ``who`` (teacher or student)."""
+        if self.is_map and self.shape[1:] != (1, 1):
+            raise ModelError(
+                f"{owner}: the {who} embedding point {self.name!r} is a map {self.shape}, not a vector"
+            )
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
 
 def parse_point(point: str) -> tuple[str, bool]:
     """``"path:input"`` → ``("path", True)``; ``"path"`` or ``"path:output"`` → ``("path", False)``."""

@@ -81,15 +81,6 @@ class CRDKDOptions(CRDOptions):
     kd_weight: float = Field(1.0, ge=0.0)  # α
 
 
-def _vector_dim(shape: tuple[int, ...], who: str, point: str) -> int:
-    if len(shape) == 3 and shape[1:] != (1, 1):
-        raise MethodError(f"crd: the {who} embedding point {point!r} is a map {shape}, not a vector")
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 @register_distiller("crd")
 class CRD(FeatureDistiller):
     """Contrastive representation distillation on ``feat[-1]`` with two momentum memory banks."""
@@ -108,8 +99,8 @@ class CRD(FeatureDistiller):
                 f"{self.name}: the memory-bank contrast needs the training labels (negatives are drawn from "
                 "other classes): pass train_labels to build_distiller (the trainer passes the training set's)"
             )
-        d_s = _vector_dim(self.s_specs[self.s_point].shape, "student", self.s_point)
-        d_t = _vector_dim(self.t_specs[self.t_point].shape, "teacher", self.t_point)
+        d_s = self.s_specs[self.s_point].vector_dim(self.name, "student")
+        d_t = self.t_specs[self.t_point].vector_dim(self.name, "teacher")
         self.embed_s = Embed(d_s, o.feat_dim)
         self.embed_t = Embed(d_t, o.feat_dim)
         self.contrast = BankContrast(
@@ -127,12 +118,6 @@ class CRD(FeatureDistiller):
             self.contrast, self.embed_s, self.embed_t, fs[self.s_point], ft[self.t_point], index
         )
         return loss
-
-    def compute(self, images, labels, index=None):
-        logits, terms = super().compute(images, labels, index)
-        if self.name in terms and self.name != self.term_name:
-            terms[self.term_name] = terms.pop(self.name)
-        return logits, terms
 
     def describe(self) -> dict:
         info = super().describe()

@@ -102,6 +102,7 @@ class FeatureDistiller(Distiller):
     :meth:`method_loss` and (optionally) :meth:`build_modules` and :meth:`init_stages`."""
 
     Options = BaselineOptions
+    term_name: str | None = None  # name of the method's loss term (default: the method's name)
 
     def __init__(self, student, teacher, options, context: DistillContext) -> None:
         super().__init__(student, teacher, options, context)
@@ -154,7 +155,7 @@ class FeatureDistiller(Distiller):
         if o.kd_weight:
             terms["kd"] = o.kd_weight * kd_loss(logits, t_logits, o.kd_temperature)
         if o.weight:
-            terms[self.name] = o.weight * self.method_loss(fs, ft, logits, t_logits, index)
+            terms[self.term_name or self.name] = o.weight * self.method_loss(fs, ft, logits, t_logits, index)
         return logits, terms
 
     def describe(self) -> dict:

@@ -114,7 +114,8 @@ class MIMKD(Distiller):
         t_specs = {s.name: s for s in self.t_tap.specs(x)}
         s_specs = {s.name: s for s in self.s_tap.specs(x)}
         self.t_emb, self.s_emb = t_emb, s_emb
-        d_t, d_s = _vector_dim(t_specs[t_emb], "teacher"), _vector_dim(s_specs[s_emb], "student")
+        d_t = t_specs[t_emb].vector_dim("mimkd", "teacher")
+        d_s = s_specs[s_emb].vector_dim("mimkd", "student")
         t_cands, s_cands = _maps(t_specs, t_maps), _maps(s_specs, s_maps)
         pairs = pair_by_size(t_cands, s_cands)
         found = (
@@ -245,17 +246,6 @@ class MIMKD(Distiller):
                 "buffers": 2,
             }
         return info
-
-
-def _vector_dim(spec: FeatureSpec, who: str) -> int:
-    n = 1
-    for d in spec.shape:
-        n *= d
-    if spec.is_map and spec.shape[1:] != (1, 1):
-        raise MethodError(
-            f"mimkd: the {who} embedding point {spec.name!r} is a map {spec.shape}, not a vector"
-        )
-    return n
 
 
 def _layer_shapes(module: nn.Module) -> list[str]:
