@@ -112,17 +112,31 @@ def cmd_distill(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pct(x: Any) -> str:
+    return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
 def _print_summary(s: dict[str, Any]) -> None:
-    last, best = s.get("last", {}), s.get("best", {})
-    lines = [
-        f"method {s.get('method')}  student {s.get('student')}  data {s.get('data')}",
-        f"  last epoch {last.get('epoch', 0) + 1 if last.get('epoch') is not None else '-'}: "
-        f"top-1 {last.get('top1', float('nan')):.2f}  top-5 {last.get('top5', float('nan')):.2f}",
-        f"  best epoch {best.get('epoch', -1) + 1}: top-1 {best.get('top1', float('nan')):.2f}",
-        f"  wall time {s.get('wall_time_s', 0):.0f} s",
-    ]
+    last, best = s.get("last") or {}, s.get("best") or {}
+    lines = [f"method {s.get('method')}  student {s.get('student')}  data {s.get('data')}"]
     if s.get("teacher_test_top1") is not None:
-        lines.insert(1, f"  teacher {s.get('teacher')}: top-1 {s['teacher_test_top1']:.2f}")
+        lines.append(f"  teacher {s.get('teacher')}: top-1 {s['teacher_test_top1']:.2f}")
+    if s.get("evaluation"):
+        lines.append(f"  {s['evaluation']}")
+    else:
+        epoch = last.get("epoch")
+        lines += [
+            f"  last epoch {epoch + 1 if epoch is not None else '-'}: top-1 {_pct(last.get('top1'))}  "
+            f"top-5 {_pct(last.get('top5'))}",
+            f"  best epoch {best.get('epoch', -1) + 1}: top-1 {_pct(best.get('top1'))}",
+        ]
+    for name, net in list((s.get("networks") or {}).items())[1:]:
+        nb = net.get("best") or {}
+        lines.append(
+            f"  network {name} ({net.get('arch')}): last top-1 {_pct((net.get('last') or {}).get('top1'))}  "
+            f"best top-1 {_pct(nb.get('top1'))}"
+        )
+    lines.append(f"  wall time {s.get('wall_time_s', 0):.0f} s")
     if s.get("diverged"):
         lines.append("  WARNING: accuracy near chance: the run diverged")
     print("\n".join(lines))

@@ -44,6 +44,9 @@ class DataConfig(_Strict):
     root: str | None = None
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     subset_seed: int = 0  # the subset is fixed across training seeds unless changed
+    # "fraction": train on the stratified train_fraction subset; "rest": on the images that subset leaves out
+    # (e.g. KDEP pre-training on the unlabelled 90 % beside a run that uses the labelled 10 %)
+    train_subset: Literal["fraction", "rest"] = "fraction"
     test_fraction: float = Field(1.0, gt=0.0, le=1.0)  # < 1 only for smoke tests: reports use the full set
     image_size: int | None = Field(None, ge=4)
     augment: bool = True

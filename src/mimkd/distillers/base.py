@@ -9,8 +9,9 @@ Unweighted diagnostics (e.g. MI estimates in nats) go to ``self.metrics``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -36,7 +37,11 @@ class DistillContext:
     sample_input: torch.Tensor
     num_classes: int
     num_samples: int | None = None  # size of the training set (memory banks)
-    train_labels: torch.Tensor | None = None  # class-aware negative sampling (CRD, MIMKD)
+    train_labels: torch.Tensor | None = None  # class-aware negative sampling (CRD, MIMKD); None for KDEP
+    # Builds another network by architecture name (zoo name or ``package.module:factory``) for the data's
+    # classes and channels: the peers of DML/DCM. ``student_arch`` names the student's architecture.
+    build_network: Callable[[str], nn.Module] | None = None
+    student_arch: str | None = None
 
 
 @dataclass
@@ -69,6 +74,15 @@ class Distiller(nn.Module):
 
     Subclasses set ``name`` (via the registry decorator) and ``Options``, and implement :meth:`compute`.
     ``requires_teacher`` is False only for methods that train without one (vanilla, DML, DCM).
+
+    Optional hooks the trainer calls without naming the method:
+
+    * :meth:`networks` — every network the trainer evaluates and checkpoints (DML/DCM train a cohort; the
+      first one is ``self.student``, the one exported). Auxiliary parts (DCM's extra classifiers) are not
+      networks: they live in the method state and are dropped at test time and export.
+    * :meth:`offline_ready` / :meth:`offline_pass` — statistics a method computes once over the training
+      images before any training (KDEP's SVD of the teacher's features).
+    * :meth:`init_stages` — training stages that precede the main one (FitNets hints, AB/FT/FSP).
     """
 
     name: ClassVar[str] = "?"
@@ -129,6 +143,22 @@ class Distiller(nn.Module):
     def init_stages(self) -> list[InitStage]:
         """Stages the trainer runs before the main training (none by default)."""
         return []
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks the trainer evaluates and checkpoints, by name; the first is the student."""
+        return {"student": self.student}
+
+    def network_arch(self, name: str) -> str | None:
+        """Architecture name of a network other than the student (recorded in its checkpoint)."""
+        return None
+
+    def offline_ready(self) -> bool:
+        """False while the method still needs its :meth:`offline_pass` (state restored by a resume counts)."""
+        return True
+
+    def offline_pass(self, batches: Iterable[torch.Tensor], num_batches: int, run_dir: Path) -> None:
+        """Compute statistics over the training images (normalised, not augmented, no labels) before the
+        training starts. ``run_dir`` is where a method may store a reusable copy of what it computed."""
 
     # -- features ---------------------------------------------------------------------------------------
     def tap(self, which: str, points: list[str] | None, sample_input: torch.Tensor | None) -> FeatureTap:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,6 +80,8 @@ def build_distiller(
     num_classes: int | None = None,
     num_samples: int | None = None,
     train_labels: torch.Tensor | None = None,
+    student_arch: str | None = None,
+    build_network: Callable[[str], nn.Module] | None = None,
     **options: Any,
 ) -> Distiller:
     """Build the distiller ``method`` around any two modules.
@@ -88,7 +91,11 @@ def build_distiller(
         student, teacher: the networks (the teacher is frozen and put in eval mode).
         sample_input: a small batch with the training input shape, used to probe feature shapes.
         num_classes: number of classes (default: inferred from the student's output on ``sample_input``).
-        num_samples, train_labels: training-set size and labels, needed by memory-bank methods.
+        num_samples, train_labels: training-set size and labels, needed by memory-bank methods. A method
+            that declares ``uses_labels = False`` (KDEP) never receives the labels.
+        student_arch: the student's architecture name (DML/DCM build peers of the same kind from it).
+        build_network: ``arch -> nn.Module`` for peer networks (default: the zoo and ``module:factory``
+            models, for ``num_classes`` classes and the sample's channel count).
         **options: the method's options (see its ``Options`` class).
     """
     cls = get_method(method)
@@ -104,7 +111,22 @@ def build_distiller(
         num_classes = int(out.shape[-1])
     if train_labels is not None and num_samples is None:
         num_samples = int(train_labels.numel())
+    if not cls.uses_labels:
+        train_labels = None  # a label-free method cannot read them, even by accident
+    if build_network is None:
+        from mimkd.models import build_network as build_any
+
+        classes, channels = num_classes, int(sample_input.shape[1])
+
+        def build_network(arch: str) -> nn.Module:
+            return build_any(arch, classes, channels)
+
     ctx = DistillContext(
-        sample_input=sample_input, num_classes=num_classes, num_samples=num_samples, train_labels=train_labels
+        sample_input=sample_input,
+        num_classes=num_classes,
+        num_samples=num_samples,
+        train_labels=train_labels,
+        build_network=build_network,
+        student_arch=student_arch,
     )
     return cls(student, teacher, opts, ctx)

@@ -6,7 +6,6 @@ distiller, augmentation, device. ``mimkd train`` and ``mimkd distill`` both call
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from mimkd.config import ModelConfig, RunConfig
 from mimkd.data import BatchAugment, ImageDataset, dataset_spec, load_dataset, stratified_subset
 from mimkd.distillers import build_distiller
 from mimkd.distillers.base import Distiller
-from mimkd.errors import CheckpointError, ConfigError, MimkdError, ModelError
+from mimkd.errors import CheckpointError, ConfigError, MimkdError
 from mimkd.evaluation.flops import count_flops, count_parameters
 from mimkd.features import FeatureTap, feature_points_of
-from mimkd.models import FeaturePoints, build_model, model_factory
+from mimkd.models import FeaturePoints, build_network
 
 from .checkpoint import load_checkpoint, load_weights
 from .trainer import StudentInfo, Trainer
@@ -41,40 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available here; use --device cpu")
     return dev
-
-
-def build_network(arch: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A zoo model by name, or any model from ``package.module:factory``.
-
-    A factory is called as ``factory(num_classes=..., in_channels=...)``, falling back to
-    ``factory(num_classes=...)`` and ``factory()`` when it does not take those arguments.
-    """
-    if ":" in arch and not arch.startswith("timm:"):
-        module_name, _, attr = arch.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ModelError(f"model {arch!r}: cannot import module {module_name!r} ({e})") from None
-        factory = getattr(module, attr, None)
-        if factory is None:
-            raise ModelError(f"model {arch!r}: module {module_name!r} has no attribute {attr!r}")
-        for kwargs in (
-            {"num_classes": num_classes, "in_channels": in_channels},
-            {"num_classes": num_classes},
-            {},
-        ):
-            try:
-                net = factory(**kwargs)
-                break
-            except TypeError:
-                continue
-        else:
-            raise ModelError(f"model {arch!r}: could not call {attr}(num_classes=..., in_channels=...)")
-        if not isinstance(net, nn.Module):
-            raise ModelError(f"model {arch!r}: the factory returned {type(net).__name__}, not an nn.Module")
-        return net
-    model_factory(arch)  # raises a ModelError with suggestions for unknown names
-    return build_model(arch, num_classes=num_classes, in_channels=in_channels)
 
 
 def load_teacher(
@@ -99,7 +64,17 @@ def load_data(cfg: RunConfig) -> tuple[ImageDataset, ImageDataset, Any]:
     d = cfg.data
     train = load_dataset(d.name, d.root, split="train", image_size=d.image_size)
     test = load_dataset(d.name, d.root, split="test", image_size=d.image_size)
-    if d.train_fraction < 1.0:
+    if d.train_subset == "rest":
+        if d.train_fraction >= 1.0:
+            raise ConfigError(
+                "data.train_subset=rest takes the images a data.train_fraction < 1 subset leaves out; with "
+                "train_fraction=1 nothing is left: set data.train_fraction (e.g. 0.1)"
+            )
+        chosen = stratified_subset(train.labels, d.train_fraction, d.subset_seed)
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[chosen] = False
+        train = train.subset(keep.nonzero().flatten())
+    elif d.train_fraction < 1.0:
         train = train.subset(stratified_subset(train.labels, d.train_fraction, d.subset_seed))
     if d.test_fraction < 1.0:
         test = test.subset(stratified_subset(test.labels, d.test_fraction, d.subset_seed))
@@ -172,6 +147,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         sample,
         num_classes=num_classes,
         train_labels=train.labels,
+        student_arch=cfg.student.arch,
+        build_network=lambda arch: build_network(arch, num_classes, in_channels),
         **options,
     )
     extra: dict[str, Any] = {

@@ -9,6 +9,13 @@ Exact resume: batches are a pure function of (seed, epoch, step) (see :class:`mi
 learning rate a pure function of (epoch, step), and the checkpoint holds weights, method state (critics,
 memory banks), optimiser, every RNG state and the partial epoch meters. A seeded CPU run interrupted at any
 step and resumed ends with weights bit-identical to an uninterrupted run.
+
+Methods with several networks (DML, DCM) list them in ``distiller.networks()``: each is evaluated every
+evaluation epoch (``test.<name>.top1`` in the metrics), each gets its own best checkpoint (``best.pt`` for the
+first, ``best_<name>.pt`` for the others) and the summary reports every network. A label-free method
+(``uses_labels = False``, KDEP pre-training) trains on batches without labels and is not evaluated: its
+classifier is untrained; ``mimkd finetune`` measures what it learnt. A method's ``offline_pass`` (KDEP's SVD)
+runs once before training, with a progress bar, and its result is part of ``last.pt``.
 """
 
 from __future__ import annotations
@@ -95,6 +102,8 @@ class Trainer:
         self.global_step = 0
         self.meter = Meter()
         self.best = {"epoch": -1, "top1": -1.0, "top5": 0.0}
+        self.best_networks: dict[str, dict[str, Any]] = {}  # the other networks' best epochs (DML, DCM)
+        self.evaluates = distiller.uses_labels  # a label-free pre-training has no trained classifier
         self.skipped = 0
         self.wall_before = 0.0  # wall time of earlier sessions of this run (resume)
 
@@ -143,6 +152,7 @@ class Trainer:
             "global_step": self.global_step,
             "meter": self.meter.state_dict(),
             "best": dict(self.best),
+            "best_networks": {k: dict(v) for k, v in self.best_networks.items()},
             "skipped": self.skipped,
             "init": self._init_state(),
             "wall_time": self.wall_before + (time.time() - self._t0),
@@ -168,6 +178,7 @@ class Trainer:
         self.epoch, self.step, self.global_step = ck["epoch"], ck["step"], ck["global_step"]
         self.meter.load_state_dict(ck["meter"], self.device)
         self.best = ck["best"]
+        self.best_networks = ck.get("best_networks", {})
         self.skipped = ck.get("skipped", 0)
         if "init" in ck:
             self.init_progress.load_state_dict(ck["init"])
@@ -193,12 +204,27 @@ class Trainer:
         log.truncate_from_epoch(self.epoch, (p.done, p.epoch) if p.done < n_init else None)
         epochs = self.cfg.optim.epochs
         try:
+            if not self.distiller.offline_ready():
+                self._offline_pass()
+                self.save()
             run_init_stages(self, log)
             while self.epoch < epochs:
                 self._train_epoch(log)
         finally:
             log.close()
         return self.finish(log)
+
+    def _offline_pass(self) -> None:
+        """The method's pass over the training images (normalised, unaugmented, no labels)."""
+        bs = self.cfg.data.test_batch_size
+        total = -(-len(self.train_set) // bs)
+        batches = eval_batches(self.train_set, bs, self.device, with_labels=False)
+        images = (b.images.contiguous(memory_format=self.memory_format) for b in batches)
+        bar = progress_bar(total, f"{self.distiller.name}: offline pass", self.cfg.train.progress)
+        try:
+            self.distiller.offline_pass(_counted(images, bar), total, self.run_dir)
+        finally:
+            bar.close()
 
     def _train_epoch(self, log: MetricsLog) -> None:
         cfg, d = self.cfg, self.distiller
@@ -277,13 +303,8 @@ class Trainer:
         }
         record.update(self.meter.means())
         last_epoch = self.epoch + 1 == cfg.optim.epochs
-        if (self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
-            res = self.evaluate()
-            record.update({"test.top1": res["top1"], "test.top5": res["top5"], "test.loss": res["loss"]})
-            if res["top1"] > self.best["top1"]:
-                self.best = {"epoch": self.epoch, "top1": res["top1"], "top5": res["top5"]}
-                best_state = {k: v for k, v in self.state().items() if k not in ("optimizer", "rng", "meter")}
-                atomic_save(best_state, self.run_dir / "best.pt")
+        if self.evaluates and ((self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
+            self._evaluate_networks(record)
         record["images_per_s"] = images_seen / max(seconds, 1e-9)
         record["epoch_seconds"] = seconds
         record["wall_time"] = self.wall_before + (time.time() - self._t0)
@@ -294,10 +315,45 @@ class Trainer:
         self.meter = Meter()
         self.save()
 
-    def evaluate(self) -> dict[str, float]:
+    def _evaluate_networks(self, record: dict[str, Any]) -> None:
+        """Evaluate every network; record its accuracy and keep its best checkpoint."""
+        for i, (name, net) in enumerate(self.distiller.networks().items()):
+            res = self.evaluate(net)
+            prefix = "test" if i == 0 else f"test.{name}"
+            record.update({f"{prefix}.top1": res["top1"], f"{prefix}.top5": res["top5"]})
+            record[f"{prefix}.loss"] = res["loss"]
+            best = self.best if i == 0 else self.best_networks.get(name, {"top1": -1.0})
+            if res["top1"] <= best["top1"]:
+                continue
+            best = {"epoch": self.epoch, "top1": res["top1"], "top5": res["top5"]}
+            if i == 0:
+                self.best = best
+                state = {k: v for k, v in self.state().items() if k not in ("optimizer", "rng", "meter")}
+                atomic_save(state, self.run_dir / "best.pt")
+            else:
+                self.best_networks[name] = best
+                atomic_save(self._network_state(name, net), self.run_dir / f"best_{name}.pt")
+
+    def _network_state(self, name: str, net: torch.nn.Module) -> dict[str, Any]:
+        """A checkpoint of one cohort network alone, loadable as a teacher or exportable."""
+        info = self.student_info
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": net.state_dict(),
+            "arch": self.distiller.network_arch(name) or "?",
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "network": name,
+            "epoch": self.epoch,
+            "best": dict(self.best_networks[name]),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def evaluate(self, net: torch.nn.Module | None = None) -> dict[str, float]:
         bs = self.cfg.data.test_batch_size
         batches = eval_batches(self.test_set, bs, self.device)
-        return evaluate(self.distiller.student, batches, self.memory_format)
+        return evaluate(net if net is not None else self.distiller.student, batches, self.memory_format)
 
     def finish(self, log: MetricsLog) -> dict[str, Any]:
         records = log.records()
@@ -319,7 +375,32 @@ class Trainer:
             "skipped_batches": self.skipped,
             **self.extra_summary,
         }
+        nets = self.distiller.networks()
+        if len(nets) > 1:
+            summary["networks"] = {
+                name: {
+                    "arch": self.student_info.arch if i == 0 else self.distiller.network_arch(name),
+                    "params": sum(p.numel() for p in net.parameters()),
+                    "last": {
+                        "epoch": last.get("epoch"),
+                        "top1": last.get("test.top1" if i == 0 else f"test.{name}.top1"),
+                        "top5": last.get("test.top5" if i == 0 else f"test.{name}.top5"),
+                    },
+                    "best": self.best if i == 0 else self.best_networks.get(name),
+                }
+                for i, (name, net) in enumerate(nets.items())
+            }
+        if not self.evaluates:
+            summary["evaluation"] = (
+                "none: a label-free pre-training has no trained classifier; measure it with mimkd finetune"
+            )
         chance = 100.0 / max(self.student_info.num_classes, 1)
         summary["diverged"] = bool(last.get("test.top1") is not None and last["test.top1"] < 1.5 * chance)
         write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _counted(items, bar):
+    for item in items:
+        yield item
+        bar.update(1)

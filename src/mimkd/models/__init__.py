@@ -21,5 +21,6 @@ from mimkd.models import (  # noqa: F401
     wrn,
 )
 from mimkd.models.registry import FeaturePoints, available, build_model, model_factory, register_model
+from mimkd.models.resolve import build_network
 
-__all__ = ["FeaturePoints", "available", "build_model", "model_factory", "register_model"]
+__all__ = ["FeaturePoints", "available", "build_model", "build_network", "model_factory", "register_model"]
