@@ -134,9 +134,17 @@ class FeatureDistiller(Distiller):
         logits: Tensor,
         t_logits: Tensor,
         index: Tensor | None,
-    ) -> Tensor:
-        """The unweighted method loss ``L_method`` on the captured features."""
+    ) -> Tensor | dict[str, Tensor]:
+        """The unweighted method loss ``L_method`` on the captured features.
+
+        A method with several parts may return a dict of named unweighted terms instead: each is logged
+        under its own name with the weight ``β · term_weights()[name]`` (β alone for a name not listed).
+        """
         raise NotImplementedError
+
+    def term_weights(self) -> dict[str, float]:
+        """Per-term weights (times β) of a method whose :meth:`method_loss` returns named terms."""
+        return {}
 
     # -- shared -----------------------------------------------------------------------------------------
     def run_both(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
@@ -155,7 +163,12 @@ class FeatureDistiller(Distiller):
         if o.kd_weight:
             terms["kd"] = o.kd_weight * kd_loss(logits, t_logits, o.kd_temperature)
         if o.weight:
-            terms[self.term_name or self.name] = o.weight * self.method_loss(fs, ft, logits, t_logits, index)
+            loss = self.method_loss(fs, ft, logits, t_logits, index)
+            if not isinstance(loss, dict):
+                loss = {self.term_name or self.name: loss}
+            scale = self.term_weights()
+            for name, value in loss.items():
+                terms[name] = (o.weight * scale[name] if name in scale else o.weight) * value
         return logits, terms
 
     def describe(self) -> dict:
