@@ -65,7 +65,9 @@ def describe(
     y = torch.randint(0, classes, (_BATCH,))
     labels = torch.arange(n_train) % classes
     idx = torch.arange(_BATCH)
-    d = build_distiller(method, s_net, t_net, x, num_classes=classes, train_labels=labels, **options)
+    d = build_distiller(
+        method, s_net, t_net, x, num_classes=classes, train_labels=labels, student_arch=student, **options
+    )
     vanilla = build_distiller("vanilla", s_net, None, x, num_classes=classes)
     student_fwd = count_flops(s_net, x) / _BATCH
     teacher_fwd = count_flops(t_net, x) / _BATCH
