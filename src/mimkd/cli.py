@@ -112,6 +112,23 @@ def cmd_distill(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from mimkd.engine.finetune import finetune_config
+    from mimkd.engine.setup import run
+
+    cfg = finetune_config(
+        a.checkpoint,
+        _flags_to_config(a),
+        a.config,
+        a.overrides,
+        mode=a.mode,
+        preset=a.preset,
+        arch=a.arch,
+    )
+    _print_summary(run(cfg, resume=a.resume, overwrite=a.overwrite))
+    return 0
+
+
 def _pct(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
 
@@ -196,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", help="distillation method (mimkd methods lists them)")
     _add_run_flags(d)
     d.set_defaults(fn=cmd_distill)
+
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune a trained backbone (KDEP pre-training, distilled or plain run) on a dataset",
+        description="Build the architecture recorded in the checkpoint, load every weight but the classifier "
+        "(the last nn.Linear, re-initialised for the dataset's classes) and train it as a vanilla run.",
+    )
+    f.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR", help="checkpoint file or run directory (last.pt)")
+    f.add_argument(
+        "--mode",
+        choices=["linear", "full"],
+        help="linear: frozen backbone (eval mode), only the classifier trains; full (default): everything",
+    )
+    f.add_argument(
+        "--preset",
+        choices=["kdep"],
+        help="kdep: SGD 0.9, 150 epochs, batch 64, wd 5e-4, lr 0.01, /10 at 1/3 and 2/3 (KDEP supp. B.2)",
+    )
+    f.add_argument("--arch", help="architecture, for checkpoints that do not record it")
+    _add_run_flags(f)
+    f.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("describe", help="feature pairs, critic shapes, parameters and FLOPs of a method")
     s.add_argument("--teacher", required=True, help="teacher architecture")

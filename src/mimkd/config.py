@@ -25,6 +25,7 @@ __all__ = [
     "MethodConfig",
     "OptimConfig",
     "TrainConfig",
+    "FinetuneConfig",
     "RECIPES",
     "load_config",
     "apply_overrides",
@@ -119,8 +120,21 @@ class TrainConfig(_Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1)  # for smoke runs
 
 
+class FinetuneConfig(_Strict):
+    """Start the student from a trained checkpoint (``mimkd finetune``; see :mod:`mimkd.engine.finetune`).
+
+    Every weight but the classifier (the student's last ``nn.Linear``) is loaded from ``checkpoint`` (a
+    checkpoint file or a run directory); the classifier keeps its fresh initialisation for this dataset's
+    classes. ``linear``: the backbone is frozen (no gradient, and kept in eval mode so BatchNorm statistics do
+    not move), only the classifier trains. ``full``: everything trains.
+    """
+
+    checkpoint: str
+    mode: Literal["linear", "full"] = "full"
+
+
 class RunConfig(_Strict):
-    """Everything a ``mimkd train`` / ``mimkd distill`` run needs."""
+    """Everything a ``mimkd train`` / ``mimkd distill`` / ``mimkd finetune`` run needs."""
 
     seed: int = 0
     device: str = "auto"
@@ -134,11 +148,17 @@ class RunConfig(_Strict):
     method: MethodConfig = MethodConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig | None = None  # start from a checkpoint, classifier re-initialised
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.optim.recipe is not None and self.optim.recipe not in RECIPES:
             raise ValueError(str(unknown_name_error("recipe", self.optim.recipe, RECIPES, ConfigError)))
+        if self.finetune is not None and self.student.checkpoint:
+            raise ValueError(
+                "student.checkpoint and finetune.checkpoint both initialise the student: set only one "
+                "(finetune.checkpoint loads every weight but the classifier)"
+            )
         return self
 
     def resolved(self) -> RunConfig:

@@ -68,6 +68,8 @@ def describe(
     d = build_distiller(
         method, s_net, t_net, x, num_classes=classes, train_labels=labels, student_arch=student, **options
     )
+    if not d.offline_ready():  # statistics over the data (KDEP's SVD): on the probe batch, for the shapes
+        d.offline_pass([x], 1, None)
     vanilla = build_distiller("vanilla", s_net, None, x, num_classes=classes)
     student_fwd = count_flops(s_net, x) / _BATCH
     teacher_fwd = count_flops(t_net, x) / _BATCH

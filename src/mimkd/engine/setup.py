@@ -130,6 +130,11 @@ def prepare(cfg: RunConfig) -> Prepared:
     student = build_network(cfg.student.arch, num_classes, in_channels)
     if cfg.student.checkpoint:
         load_weights(student, cfg.student.checkpoint, cfg.student.arch)
+    finetune: dict[str, Any] | None = None
+    if cfg.finetune is not None:  # mimkd finetune: all weights but the classifier; linear mode freezes
+        from .finetune import init_student
+
+        finetune = init_student(student, cfg.finetune, cfg.student.arch, in_channels)
     sample = augment(train.images[: min(8, len(train))], torch.Generator().manual_seed(0))
     override_points(student, cfg.student, sample)
     teacher, teacher_arch = None, None
@@ -158,8 +163,10 @@ def prepare(cfg: RunConfig) -> Prepared:
         "student_params": count_parameters(student),
         "student_flops_per_image": count_flops(student, sample[:1]),
         "method_params": sum(p.numel() for _, p in distiller.trainable_named_parameters())
-        - count_parameters(student),
+        - count_parameters(student, trainable_only=True),
     }
+    if finetune is not None:
+        extra["finetune"] = finetune
     if teacher is not None:
         extra["teacher"] = teacher_arch
         extra["teacher_params"] = count_parameters(teacher)
