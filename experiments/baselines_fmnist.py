@@ -7,8 +7,10 @@ set, 15 epochs, SGD lr 0.05 cosine: exactly ``mimkd demo``'s protocol, so its va
 the demo's runs. Each baseline uses its RepDistiller command-line weights (spec §2.2). Init stages (AB, FT,
 FSP, two-stage FitNets) are scaled with the schedule: RepDistiller's 30 init epochs before 240 main ones
 become 2 before 15. Methods that cannot apply to this pair (FSP: unequal channel counts) are reported as
-failed with their error, like RepDistiller's "N/A". ``crd_k2048`` is CRD with K scaled to the stand-in's
-training-set size (CRD's K/N ratio); every other row is the method's defaults.
+failed with their error, like RepDistiller's "N/A". ``crd_k2048`` / ``wcord_k2048`` are CRD / WCoRD with K
+scaled to the stand-in's training-set size (CRD's K/N ratio); every other row is the method's defaults.
+``--methods vanilla,kd,crd,crd+kd,crd_k2048,wcord,wcord+kd,wcord_k2048 --results results/wcord_fmnist`` is
+WCoRD beside CRD (issue 5).
 
 Writes the table to ``results/baselines_fmnist.md`` (and ``.json``, ``.png``).
 """
@@ -44,6 +46,9 @@ METHODS: dict[str, dict] = {
     # CRD's K = 16384 is a third of CIFAR-100's 50,000 samples; the stand-in has 6,000, so K > N and the
     # negatives repeat. This row keeps CRD's K/N ratio instead (16384 * 6000 / 50000 ~ 2048).
     "crd_k2048": {"runs_as": "crd", "num_negatives": 2048},
+    "wcord": {},
+    "wcord+kd": {},
+    "wcord_k2048": {"runs_as": "wcord", "num_negatives": 2048},  # as crd_k2048
 }
 
 

@@ -36,6 +36,17 @@ def test_describe_mimkd_default_options_json_and_text():
     assert "FLOPs per image" in text
 
 
+def test_describe_without_teacher_for_cohort_methods_and_kdep_offline_pass():
+    info = json.loads(run_cli("describe", "--student", "resnet8", "--method", "dcm", "--json").stdout)
+    assert info["teacher"] is None and info["params"]["teacher"] == 0
+    assert info["flops_per_image"]["teacher_forward"] == 0 and info["params"]["method_trainable"] > 0
+    p = run_cli("describe", "--student", "resnet8", "--method", "kd", check=False)
+    assert p.returncode == 2 and "pass --teacher" in p.stderr and "Traceback" not in p.stderr
+    # kdep's default alignment needs its offline SVD: describe runs it on the probe batch
+    text = run_cli("describe", "--teacher", "resnet20", "--student", "resnet8", "--method", "kdep").stdout
+    assert "teacher features read" in text
+
+
 def test_unknown_names_get_suggestions_and_exit_2():
     p = run_cli("describe", "--teacher", "resnet32x5", "--student", "resnet8x4", check=False)
     assert p.returncode == 2 and "unknown model 'resnet32x5'" in p.stderr and "resnet32x4" in p.stderr

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("describe", help="feature pairs, critic shapes, parameters and FLOPs of a method")
-    s.add_argument("--teacher", required=True, help="teacher architecture")
+    s.add_argument("--teacher", help="teacher architecture (not for dml/dcm)")
     s.add_argument("--student", required=True, help="student architecture")
     s.add_argument("--method", default="mimkd")
     s.add_argument("--data", default="cifar100", help="dataset whose input shape and classes to assume")

@@ -13,7 +13,7 @@ import torch
 
 from mimkd.config import apply_overrides
 from mimkd.data import dataset_spec
-from mimkd.distillers import build_distiller, validate_options
+from mimkd.distillers import build_distiller, get_method, validate_options
 from mimkd.engine.setup import build_network
 from mimkd.errors import ConfigError
 from mimkd.evaluation.flops import count_flops, count_parameters
@@ -45,12 +45,14 @@ def _step_flops(distiller, x, y, idx) -> int:
 def describe(
     method: str,
     student: str,
-    teacher: str,
+    teacher: str | None,
     data: str = "cifar100",
     image_size: int | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Build ``method`` for ``teacher → student`` on ``data``-shaped input and report its parts and costs."""
+    """Build ``method`` for ``teacher → student`` on ``data``-shaped input and report its parts and costs.
+
+    ``teacher`` may be None for methods that train without one (``dml``, ``dcm``)."""
     channels, size, classes, n_train = _input_shape(data, image_size)
     opts_tree = apply_overrides({}, overrides or [])
     unknown = sorted(set(opts_tree) - {"method"})
@@ -58,9 +60,13 @@ def describe(
         raise ConfigError(f"describe takes only method.* overrides, got {', '.join(unknown)}")
     options = opts_tree.get("method", {})
     validate_options(method, options)
+    if teacher is None and get_method(method).requires_teacher:
+        raise ConfigError(
+            f"method {method!r} distils a teacher: pass --teacher ARCH (e.g. --teacher resnet32x4)"
+        )
     torch.manual_seed(0)
     s_net = build_network(student, classes, channels)
-    t_net = build_network(teacher, classes, channels)
+    t_net = build_network(teacher, classes, channels) if teacher else None
     x = torch.randn(_BATCH, channels, size, size)
     y = torch.randint(0, classes, (_BATCH,))
     labels = torch.arange(n_train) % classes
@@ -72,16 +78,18 @@ def describe(
         d.offline_pass([x], 1, None)
     vanilla = build_distiller("vanilla", s_net, None, x, num_classes=classes)
     student_fwd = count_flops(s_net, x) / _BATCH
-    teacher_fwd = count_flops(t_net, x) / _BATCH
+    teacher_fwd = count_flops(t_net, x) / _BATCH if t_net is not None else 0.0
     teacher_calls: list[int] = []
-    hook = t_net.register_forward_hook(lambda *_: teacher_calls.append(1))
+    hook = t_net.register_forward_hook(lambda *_: teacher_calls.append(1)) if t_net is not None else None
     total_fwd = count_flops(lambda a: d(a, y, idx), x) / _BATCH
-    hook.remove()
+    if hook is not None:
+        hook.remove()
     if not teacher_calls:  # the main stage does not run the teacher (AB, FSP: CE only after their init stage)
         teacher_fwd = 0.0
     student_step = _step_flops(vanilla, x, y, idx) / _BATCH
     total_step = _step_flops(d, x, y, idx) / _BATCH
-    s_params, t_params = count_parameters(s_net), count_parameters(t_net)
+    s_params = count_parameters(s_net)
+    t_params = count_parameters(t_net) if t_net is not None else 0
     # the method's own parameters, trained in the main stage or in an init stage (AB's connectors, FT's
     # paraphraser)
     extra = sum(
@@ -120,7 +128,7 @@ def _g(x: float) -> str:
 
 def format_description(info: dict[str, Any]) -> str:
     lines = [
-        f"{info['method']}: {info['teacher']} -> {info['student']} on {info['data']} "
+        f"{info['method']}: {info['teacher'] or 'no teacher'} -> {info['student']} on {info['data']} "
         f"(input {'x'.join(map(str, info['input_shape']))}, {info['num_classes']} classes)"
     ]
     if info.get("pairs"):
