@@ -37,7 +37,7 @@ from .base import DistillContext
 from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists
 from .registry import register_distiller
 
-__all__ = ["CRD", "CRDKD", "CRDKDOptions", "CRDOptions", "Embed", "crd_loss"]
+__all__ = ["CRD", "CRDKD", "CRDKDOptions", "CRDOptions", "Embed", "crd_loss", "embed_heads"]
 
 
 class Embed(nn.Module):
@@ -59,6 +59,19 @@ def crd_loss(
     Returns the loss and the NCE estimate (minus the mean per-direction loss, detached).
     """
     return contrast(embed_s(f_s), embed_t(f_t), index)
+
+
+def embed_heads(d: FeatureDistiller, context: DistillContext, feat_dim: int) -> tuple[Embed, Embed]:
+    """The student's and the teacher's :class:`Embed` heads on ``d.s_point`` / ``d.t_point`` (``feat[-1]``)
+    of a memory-bank method (CRD, WCoRD), which also needs the training labels for class-aware negatives."""
+    if context.train_labels is None:
+        raise MethodError(
+            f"{d.name}: the memory-bank contrast needs the training labels (negatives are drawn from "
+            "other classes): pass train_labels to build_distiller (the trainer passes the training set's)"
+        )
+    d_s = d.s_specs[d.s_point].vector_dim(d.name, "student")
+    d_t = d.t_specs[d.t_point].vector_dim(d.name, "teacher")
+    return Embed(d_s, feat_dim), Embed(d_t, feat_dim)
 
 
 class CRDOptions(BaselineOptions):
@@ -94,15 +107,7 @@ class CRD(FeatureDistiller):
 
     def build_modules(self, context: DistillContext) -> None:
         o = self.options
-        if context.train_labels is None:
-            raise MethodError(
-                f"{self.name}: the memory-bank contrast needs the training labels (negatives are drawn from "
-                "other classes): pass train_labels to build_distiller (the trainer passes the training set's)"
-            )
-        d_s = self.s_specs[self.s_point].vector_dim(self.name, "student")
-        d_t = self.t_specs[self.t_point].vector_dim(self.name, "teacher")
-        self.embed_s = Embed(d_s, o.feat_dim)
-        self.embed_t = Embed(d_t, o.feat_dim)
+        self.embed_s, self.embed_t = embed_heads(self, context, o.feat_dim)
         self.contrast = BankContrast(
             context.train_labels,
             dim=o.feat_dim,

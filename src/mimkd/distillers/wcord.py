@@ -64,7 +64,7 @@ from mimkd.mi.memory import ClassAwareNegativeSampler, MemoryBank
 from mimkd.mi.sinkhorn import sinkhorn_log, sinkhorn_pot
 
 from .base import DistillContext
-from .crd import Embed
+from .crd import embed_heads
 from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists
 from .registry import register_distiller
 
@@ -198,15 +198,7 @@ class WCoRD(FeatureDistiller):
 
     def build_modules(self, context: DistillContext) -> None:
         o = self.options
-        if context.train_labels is None:
-            raise MethodError(
-                f"{self.name}: the memory-bank contrast needs the training labels (negatives are drawn from "
-                "other classes): pass train_labels to build_distiller (the trainer passes the training set's)"
-            )
-        d_s = self.s_specs[self.s_point].vector_dim(self.name, "student")
-        d_t = self.t_specs[self.t_point].vector_dim(self.name, "teacher")
-        self.embed_s = Embed(d_s, o.feat_dim)
-        self.embed_t = Embed(d_t, o.feat_dim)
+        self.embed_s, self.embed_t = embed_heads(self, context, o.feat_dim)
         if o.lipschitz == "spectral_norm":
             spectral_norm(self.embed_s.linear)
             spectral_norm(self.embed_t.linear)
