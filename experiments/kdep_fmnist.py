@@ -1,6 +1,8 @@
 """KDEP on the Fashion-MNIST stand-in: pre-train on the unlabelled 90 %, fine-tune on the labelled 10 %.
 
     python experiments/kdep_fmnist.py [--seeds 3] [--pretrain-epochs 3] [--alignments svd]
+    python experiments/kdep_fmnist.py --seeds 1 --results results/kdep_alignments_fmnist \
+        --alignments svd,svd-nopts,cs_var,cs_rand,interp,conv1x1_post_relu,conv1x1_pre_relu,conv1x1_margin
 
 Protocol (stand-in scale; spec §3.2):
 
@@ -32,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FRACTION = 0.1
 STUDENT, TEACHER = "conv4mp_w32", "cnn_teacher"
-POINTS = {"student_point": "block4.1", "teacher_point": "block3.1"}
+POINTS = {"student_point": "block4.1", "teacher_point": "block3.1"}  # the BatchNorms before the ReLUs
+POST_RELU_POINTS = {"student_point": "block4", "teacher_point": "block3"}  # conv1x1_post_relu
 
 
 def _base(name: str, seed: int, out: Path, epochs: int) -> dict[str, Any]:
@@ -58,7 +61,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pretrain-epochs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=15, help="fine-tuning epochs")
-    ap.add_argument("--alignments", default="svd", help="comma-separated KDEP alignments to pre-train with")
+    ap.add_argument(
+        "--alignments",
+        default="svd",
+        help="comma-separated KDEP alignments to pre-train with (NAME-nopts: without PTS)",
+    )
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--out", default="runs/kdep_fmnist")
     ap.add_argument("--reuse-demo", default="runs/demo/runs")
@@ -75,7 +82,9 @@ def main() -> None:
         for s in seeds:
             cfg = _base(f"pretrain_{a}_s{s}", s, out, args.pretrain_epochs)
             cfg["data"]["train_subset"] = "rest"
-            cfg["method"] = {"name": "kdep", "alignment": a, **POINTS}
+            align, _, flag = a.partition("-")  # "svd-nopts": the SVD alignment without PTS
+            points = POST_RELU_POINTS if align == "conv1x1_post_relu" else POINTS
+            cfg["method"] = {"name": "kdep", "alignment": align, "pts": flag != "nopts", **points}
             cfg["teacher"] = {"arch": TEACHER, "checkpoint": str(teacher)}
             pre_jobs.append((f"pretrain:{a}", cfg))
     pre = run_configs(pre_jobs, args.workers, desc="KDEP pre-training")
