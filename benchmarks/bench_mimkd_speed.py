@@ -34,10 +34,15 @@ from mimkd.models import build_model
 def build(method: str, teacher: str, student: str, batch: int, classes: int, n_train: int, fmt, **opts):
     torch.manual_seed(0)
     s = build_model(student, num_classes=classes)
-    t = build_model(teacher, num_classes=classes) if method != "vanilla" else None
+    needs_teacher = mimkd.distillers.get_method(method).requires_teacher
+    t = build_model(teacher, num_classes=classes) if needs_teacher else None
     x = torch.randn(batch, 3, 32, 32)
     labels = torch.arange(n_train) % classes
-    d = mimkd.build_distiller(method, s, t, x[:8], num_classes=classes, train_labels=labels, **opts)
+    d = mimkd.build_distiller(
+        method, s, t, x[:8], num_classes=classes, train_labels=labels, student_arch=student, **opts
+    )
+    if not d.offline_ready():  # KDEP's SVD: on a random batch (its cost is not part of a step)
+        d.offline_pass([torch.randn(256, 3, 32, 32)], 1, None)
     d = d.to(memory_format=fmt).train()
     opt = torch.optim.SGD(
         [p for _, p in d.trainable_named_parameters()], lr=0.01, momentum=0.9, weight_decay=5e-4
@@ -46,7 +51,7 @@ def build(method: str, teacher: str, student: str, batch: int, classes: int, n_t
 
 
 def step(d, opt, x, y, idx) -> None:
-    _, terms = d(x, y, idx)
+    _, terms = d(x, y if d.uses_labels else None, idx)
     loss = sum(terms.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()
