@@ -38,7 +38,9 @@ def test_train_writes_complete_run_directory(tmp_path):
     assert s["last"]["top1"] == recs[-1]["test.top1"]
     assert s["best"]["top1"] == max(r["test.top1"] for r in recs)
     assert s["last"]["top1"] > 30.0  # 10 classes: chance is 10 %
-    assert s["student_params"] == 28522
+    assert s["student_params"] == 28522 and s["student_flops_per_image"] > 0
+    lat = s["student_cpu_latency_ms"]  # single-image CPU latency, 1 thread and all threads
+    assert set(lat) == {"1_thread", "all_threads"} and all(0 < v < 1000 for v in lat.values())
     ck = load_checkpoint(run / "last.pt")
     assert ck["arch"] == "conv4mp_w32" and ck["epoch"] == 2 and ck["step"] == 0
     # the checkpoint has the circulating {'model': state_dict} layout: it loads into a fresh model strictly

@@ -180,6 +180,49 @@ def cmd_describe(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency(a: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from mimkd.data import dataset_spec
+    from mimkd.evaluation import count_flops, count_parameters, latency_profile
+    from mimkd.models import build_network
+
+    spec = dataset_spec(a.data)
+    channels, size = spec.channels, a.image_size or spec.image_size or 224
+    classes = spec.num_classes or 1000
+    rows = []
+    for arch in a.models:
+        net = build_network(arch, classes, channels)
+        prof = latency_profile(net, (channels, size, size), runs=a.runs)
+        x = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+        rows.append(
+            {
+                "model": arch,
+                "params": count_parameters(net),
+                "flops": count_flops(net.eval(), x),
+                "ms_1_thread": prof["1_thread"]["median_ms"],
+                "ms_all_threads": prof["all_threads"]["median_ms"],
+                "threads": prof["all_threads"]["threads"],
+            }
+        )
+    if a.json:
+        print(json.dumps({"input": [1, channels, size, size], "runs": a.runs, "rows": rows}, indent=2))
+        return 0
+    print(
+        f"single-image CPU latency, input 1x{channels}x{size}x{size}, median of {a.runs} runs "
+        "(this machine only)"
+    )
+    print(f"{'model':<22}{'params':>12}{'MFLOPs':>10}{'1 thread ms':>14}{'all threads ms':>17}")
+    for r in rows:
+        print(
+            f"{r['model']:<22}{r['params']:>12,}{r['flops'] / 1e6:>10.1f}{r['ms_1_thread']:>14.2f}"
+            f"{r['ms_all_threads']:>12.2f} ({r['threads']})"
+        )
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from mimkd.demo import run_demo
 
@@ -234,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--arch", help="architecture, for checkpoints that do not record it")
     _add_run_flags(f)
     f.set_defaults(fn=cmd_finetune)
+
+    lat = sub.add_parser("latency", help="single-image CPU latency of models (1 thread and all threads)")
+    lat.add_argument("models", nargs="+", metavar="MODEL", help="zoo names or package.module:factory")
+    lat.add_argument("--data", default="cifar100", help="dataset whose input shape and classes to assume")
+    lat.add_argument("--image-size", type=int)
+    lat.add_argument("--runs", type=int, default=100, help="timed calls per measurement (median reported)")
+    lat.add_argument("--json", action="store_true")
+    lat.set_defaults(fn=cmd_latency)
 
     s = sub.add_parser("describe", help="feature pairs, critic shapes, parameters and FLOPs of a method")
     s.add_argument("--teacher", help="teacher architecture (not for dml/dcm)")

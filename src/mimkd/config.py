@@ -118,6 +118,7 @@ class TrainConfig(_Strict):
     eval_teacher: bool = True  # the teacher's test accuracy in summary.json (a check that it loaded right)
     channels_last: bool = True  # NHWC tensors: 1.4-2x faster for the small CNNs on CPU, the usual GPU win
     max_steps_per_epoch: int | None = Field(None, ge=1)  # for smoke runs
+    measure_latency: bool = True  # the student's single-image CPU latency in summary.json (1 / all threads)
 
 
 class FinetuneConfig(_Strict):

@@ -234,7 +234,15 @@ def _claim_run_dir(p: Prepared, resume: bool, overwrite: bool) -> None:
 
 
 # keys that may change between a run and its resumption
-_RESUME_FREE = {"device", "threads", "train.progress", "train.tensorboard", "data.root", "out_dir"}
+_RESUME_FREE = {
+    "device",
+    "threads",
+    "train.progress",
+    "train.tensorboard",
+    "train.measure_latency",
+    "data.root",
+    "out_dir",
+}
 
 
 def _config_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -375,6 +375,11 @@ class Trainer:
             "skipped_batches": self.skipped,
             **self.extra_summary,
         }
+        if self.cfg.train.measure_latency:  # what the student costs on a CPU, batch 1 (median ms)
+            from mimkd.evaluation.latency import latency_profile
+
+            prof = latency_profile(self.distiller.student, tuple(self.train_set.image_shape), runs=30)
+            summary["student_cpu_latency_ms"] = {k: v["median_ms"] for k, v in prof.items()}
         nets = self.distiller.networks()
         if len(nets) > 1:
             summary["networks"] = {
