@@ -73,3 +73,24 @@ class TVResNet(nn.Module):
 
 def tv_resnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return TVResNet(num_classes, in_channels)
+
+
+class NaNEvery(nn.Module):
+    """``plain_cnn`` whose logits are NaN on every ``period``-th training forward (a flaky loss source)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, period: int = 3) -> None:
+        super().__init__()
+        self.net = plain_cnn(num_classes, in_channels)
+        self.period, self.calls = period, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls % self.period == 0:
+                return out * float("nan")
+        return out
+
+
+def nan_every_third(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return NaNEvery(num_classes, in_channels, period=3)

@@ -7,6 +7,7 @@ Exact-resume after SIGKILL at a random step is ``test_resume.py``; non-finite lo
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import random
 import shutil
@@ -131,3 +132,22 @@ def test_sigkill_during_checkpoint_write_keeps_previous_intact(tmp_path, trial):
     assert bool(ck["payload"].eq(float(ck["i"])).all())
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(n.startswith(".last.pt.") and n.endswith(".tmp") for n in leftovers)
+
+
+@needs_fmnist
+def test_non_finite_loss_stop_keeps_last_good_checkpoint_or_skips_and_counts(tmp_path):
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    args = ["train", "--model", "foreign_models:nan_every_third", *SMALL_RUN, "--epochs", "1"]
+    args += ["--set", "train.max_steps_per_epoch=8", "--set", "train.checkpoint_every_steps=1"]
+    p = run_cli(*args, "--out", str(tmp_path), "--name", "stop", check=False, env_extra=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "non-finite loss at epoch 1, step 3: term(s) ce" in p.stderr and "last.pt" in p.stderr
+    ck = load_checkpoint(tmp_path / "stop" / "last.pt")  # the state after the 2 good steps
+    assert ck["step"] == 2 and all(
+        bool(torch.isfinite(v).all()) for v in ck["model"].values() if v.is_floating_point()
+    )
+    p = run_cli(
+        *args, "--set", "train.on_nonfinite=skip", "--out", str(tmp_path), "--name", "skip", env_extra=env
+    )
+    s = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert s["status"] == "finished" and s["skipped_batches"] == 2  # steps 3 and 6 of 8 refused, counted
