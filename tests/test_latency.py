@@ -42,3 +42,17 @@ def test_latency_command_json_and_unknown_model():
     assert all(r["ms_1_thread"] > 0 and r["ms_all_threads"] > 0 for r in out["rows"])
     p = run_cli("latency", "resnet8x", check=False)
     assert p.returncode == 2 and "resnet8x4" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_latency_of_a_hooked_student_measures_the_bare_network():
+    """A distiller's FeatureTap hooks stay on the student; the latency copy drops them (they would fail under
+    inference mode) and the original keeps them."""
+    import mimkd
+
+    student, teacher = build_model("resnet8", num_classes=10), build_model("resnet20", num_classes=10)
+    d = mimkd.build_distiller("at", student, teacher, torch.randn(4, 3, 32, 32), num_classes=10)
+    hooked = sum(len(m._forward_hooks) for m in student.modules())
+    assert hooked > 0
+    r = measure_latency(d.student, (3, 32, 32), threads=1, runs=3, warmup=1)
+    assert r["median_ms"] > 0
+    assert sum(len(m._forward_hooks) for m in student.modules()) == hooked

@@ -223,6 +223,25 @@ def cmd_latency(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from mimkd.evaluation.export import export_run
+
+    r = export_run(a.run, a.format, out=a.out, which=a.which, network=a.network)
+    size = r.out.stat().st_size
+    print(
+        f"exported {r.checkpoint} ({r.arch}, {r.parameters:,} parameters, {r.num_classes} classes, "
+        f"{r.in_channels} input channels)\n  -> {r.out} ({r.fmt}, {size / 1024:.1f} KiB)"
+    )
+    for note in r.notes:
+        print(f"  {note}")
+    if r.max_abs_diff is not None:
+        print(
+            f"  check on {r.batch_source} ({r.checked_with}): max abs difference {r.max_abs_diff:.3g} vs the "
+            "PyTorch student"
+        )
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from mimkd.demo import run_demo
 
@@ -285,6 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--runs", type=int, default=100, help="timed calls per measurement (median reported)")
     lat.add_argument("--json", action="store_true")
     lat.set_defaults(fn=cmd_latency)
+
+    x = sub.add_parser(
+        "export",
+        help="export a run's student alone (ONNX, safetensors, TorchScript), checked on real test images",
+        description="Build the architecture recorded in the checkpoint, load its student weights (only the "
+        "'model' entry: no critics, heads or banks), export it and check the artefact's outputs against the "
+        "PyTorch student on up to 16 test images of the run's dataset.",
+    )
+    x.add_argument(
+        "run", metavar="RUN_DIR_OR_CKPT", help="run directory (best.pt, else last.pt) or checkpoint"
+    )
+    x.add_argument("--format", required=True, choices=["onnx", "safetensors", "torchscript"])
+    x.add_argument("--out", help="output file (default: RUN_DIR/export/<checkpoint stem>.<format suffix>)")
+    x.add_argument("--which", choices=["best", "last"], help="checkpoint of a run directory (default: best)")
+    x.add_argument("--network", help="another network of a DML/DCM cohort, e.g. net2 (its best_net2.pt)")
+    x.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("describe", help="feature pairs, critic shapes, parameters and FLOPs of a method")
     s.add_argument("--teacher", help="teacher architecture (not for dml/dcm)")

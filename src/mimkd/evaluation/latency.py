@@ -33,7 +33,7 @@ def measure_latency(
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    net = copy.deepcopy(model).cpu().eval()
+    net = _bare_copy(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=fmt)
     if channels_last:
@@ -61,6 +61,22 @@ def measure_latency(
         "threads": threads if threads is not None else before,
         "batch": 1,
     }
+
+
+def _bare_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode CPU copy of ``model`` without the hooks a distiller attached (FeatureTap, DCM heads):
+    the latency is the network's alone, and the hooks' bookkeeping would fail under inference mode."""
+    net = copy.deepcopy(model).cpu().eval()
+    for m in net.modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            getattr(m, hooks, {}).clear()
+        for extra in (
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks_with_kwargs",
+        ):
+            getattr(m, extra, {}).clear()
+    return net
 
 
 def latency_profile(
