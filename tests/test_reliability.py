@@ -151,3 +151,16 @@ def test_non_finite_loss_stop_keeps_last_good_checkpoint_or_skips_and_counts(tmp
     )
     s = json.loads((tmp_path / "skip" / "summary.json").read_text())
     assert s["status"] == "finished" and s["skipped_batches"] == 2  # steps 3 and 6 of 8 refused, counted
+
+
+@needs_fmnist
+def test_full_disk_is_refused_before_training(tmp_path):
+    full = str(Path(__file__).parent / "full_disk")  # a sitecustomize that makes the disk report 1 MiB free
+    env = {"PYTHONPATH": os.pathsep.join([full, os.environ.get("PYTHONPATH", "")])}
+    p = run_cli(
+        "train", "--model", "conv4mp_w32", *SMALL_RUN, *RUN, "--out", str(tmp_path), "--name", "r",
+        check=False, env_extra=env,
+    )  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "not enough free disk space" in p.stderr and "MiB needed" in p.stderr, p.stderr
+    assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "metrics.jsonl").exists()

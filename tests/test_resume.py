@@ -79,3 +79,37 @@ def test_resume_with_changed_config_is_refused(tmp_path, reference):
     shutil.copytree(reference, tmp_path / "ref")
     p = run_cli(*ARGS, "--out", str(tmp_path), "--name", "ref", "--resume", "--lr", "0.3", check=False)
     assert p.returncode == 2 and "configuration differs" in p.stderr and "optim.lr" in p.stderr
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, reference):
+    """Kill the real CLI the moment a checkpoint's temporary file appears (inside atomic_save): last.pt still
+    loads (the previous checkpoint), and the resumed run ends bit-identical to the uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mimkd.engine.checkpoint import load_checkpoint
+
+    name, run_dir = "killed_in_write", tmp_path / "killed_in_write"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mimkd", *ARGS, "--out", str(tmp_path), "--name", name],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    hit, deadline = False, time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (run_dir / "last.pt").exists() and any(run_dir.glob(".last.pt.*.tmp")):
+            os.kill(proc.pid, signal.SIGKILL)  # a later checkpoint is being written right now
+            hit = True
+            break
+        time.sleep(0.0005)
+    proc.wait()
+    if not hit:
+        pytest.skip("the run never showed a checkpoint write in progress to kill (writes too fast here)")
+    ck = load_checkpoint(run_dir / "last.pt")  # the previous, complete checkpoint
+    assert ck["epoch"] * 1000 + ck["step"] < 2000
+    run_cli(*ARGS, "--out", str(tmp_path), "--name", name, "--resume")
+    _check_identical(reference, run_dir)
+    assert not list(run_dir.glob(".*.tmp"))  # the cut-short write was cleaned up

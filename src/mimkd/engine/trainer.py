@@ -112,6 +112,8 @@ class Trainer:
         """Fail before any training if the run directory is unwritable or the disk cannot hold checkpoints."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob(".*.pt.*.tmp"):  # a write cut short by a crash (atomic_save)
+                stale.unlink(missing_ok=True)
             probe = self.run_dir / ".write_probe"
             probe.write_bytes(b"0" * 1024)
             probe.unlink()
