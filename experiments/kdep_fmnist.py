@@ -24,7 +24,6 @@ Writes ``results/kdep_fmnist.md`` (and ``.json``). Not the paper's ImageNet numb
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def main() -> None:
     from mimkd.allocator import reexec_with_tcmalloc
 
     reexec_with_tcmalloc([__file__, *sys.argv[1:]])
-    from runner import mean_std, run_configs, teacher_checkpoint
+    from runner import mean_std, run_configs, teacher_checkpoint, write_report
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -137,17 +136,9 @@ def main() -> None:
                 f"{f'{sum(p) / len(p):.0f}' if p else ''} |"
             )
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".md").write_text(text)
-    pre_losses = {
-        k: [r.get("status") for r in v] for k, v in pre.items()
-    }  # pre-training has no test accuracy (label-free)
-    results.with_suffix(".json").write_text(
-        json.dumps({"rows": rows, "pretrain_status": pre_losses, "args": vars(args)}, indent=2) + "\n"
-    )
-    print(f"wrote {results.with_suffix('.md')}")
+    # pre-training has no test accuracy (label-free): its runs' status only
+    status = {k: [r.get("status") for r in v] for k, v in pre.items()}
+    write_report(args.results, text, {"rows": rows, "pretrain_status": status, "args": vars(args)})
 
 
 def _write_random_init(path: Path, seed: int) -> None:

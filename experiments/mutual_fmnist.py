@@ -20,7 +20,6 @@ last- and best-epoch test top-1. Stand-in scale: not the paper's CIFAR-100 numbe
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def main() -> None:
     from mimkd.allocator import reexec_with_tcmalloc
 
     reexec_with_tcmalloc([__file__, *sys.argv[1:]])
-    from runner import mean_std, run_configs
+    from runner import mean_std, run_configs, write_report
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", default="conv4mp_w32/conv4mp_w32", help="comma-separated A/B pairs")
@@ -114,13 +113,8 @@ def main() -> None:
             f"{mean_std(r['a_best'])} | {mean_std(r['b_best'])} | {gains} | {r['seconds']:.0f} |"
         )
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".md").write_text(text)
-    results.with_suffix(".json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2) + "\n")
+    results = write_report(args.results, text, {"rows": rows, "args": vars(args)})
     _plot(rows, results.with_suffix(".png"), args)
-    print(f"wrote {results.with_suffix('.md')}")
 
 
 def _mean(v: list[float]) -> float:

@@ -6,6 +6,7 @@ Every run is an ordinary mimkd run directory; results are read back from each ``
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 from mimkd.demo import _epochs_done, _finished, _run_one, _stats
 
-__all__ = ["run_configs", "mean_std", "teacher_checkpoint"]
+__all__ = ["run_configs", "mean_std", "teacher_checkpoint", "write_report"]
 
 
 def run_configs(
@@ -71,3 +72,14 @@ def teacher_checkpoint(cache_dir: str | None = None) -> Path:
     cache = Path(cache_dir or os.environ.get("MIMKD_CACHE") or Path.home() / ".cache" / "mimkd")
     ckpt, _ = _train_teacher(cache, None, DEMO["teacher"]["epochs"], 1.0)
     return ckpt
+
+
+def write_report(results: str | Path, text: str, payload: dict[str, Any]) -> Path:
+    """Print the markdown table and write it to ``RESULTS.md`` with ``payload`` as ``RESULTS.json``."""
+    print("\n" + text)
+    path = Path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text(text)
+    path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path.with_suffix('.md')}")
+    return path

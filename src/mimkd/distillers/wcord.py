@@ -64,8 +64,8 @@ from mimkd.mi.memory import ClassAwareNegativeSampler, MemoryBank
 from mimkd.mi.sinkhorn import sinkhorn_log, sinkhorn_pot
 
 from .base import DistillContext
-from .crd import embed_heads
-from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists
+from .crd import CRD, embed_heads
+from .feature_base import BaselineOptions, FeatureDistiller
 from .registry import register_distiller
 
 __all__ = [
@@ -192,9 +192,7 @@ class WCoRD(FeatureDistiller):
 
     Options = WCoRDOptions
 
-    def points(self, s: FeatureLists, t: FeatureLists) -> tuple[list[str], list[str]]:
-        self.s_point, self.t_point = s.embedding, t.embedding
-        return [s.embedding], [t.embedding]
+    points = CRD.points  # feat[-1] of both networks, as CRD
 
     def build_modules(self, context: DistillContext) -> None:
         o = self.options
