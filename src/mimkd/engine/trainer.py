@@ -374,6 +374,8 @@ class Trainer:
             "best": self.best,
             "wall_time_s": self.wall_before + (time.time() - self._t0),
             "images_per_s": sum(rates) / len(rates) if rates else None,
+            "student_input_shape": list(self.train_set.image_shape),  # C, H, W (latency, export, probes)
+            "num_classes": self.student_info.num_classes,
             "skipped_batches": self.skipped,
             **self.extra_summary,
         }
