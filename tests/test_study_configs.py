@@ -41,6 +41,8 @@ TOP_KEYS = {
     "pairs",
     "methods",
     "grid",
+    "grid_rows",
+    "exclude",
     "probe",
     "published",
     "published_source",
@@ -388,7 +390,7 @@ def expected_runs(s: dict, seeds: int) -> int:
             n += len(s["pairs"])
         else:
             n += len({p["student"] for p in s["pairs"]})
-    return n * len(grid_points(s)) * seeds
+    return (n * len(grid_points(s)) - len(s.get("exclude", []))) * seeds
 
 
 @pytest.mark.parametrize("rel", FILES)
