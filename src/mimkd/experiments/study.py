@@ -292,4 +292,4 @@ def _check_names(spec: StudyFile, path: Path) -> None:
         for row in rows:
             if row not in spec.methods and row != "teacher":
                 hint = did_you_mean(row, [*spec.methods, "teacher"])
-                raise ConfigError(f"{where}: published.{pair}: {row!r} is not a row of methods:.{hint}")
+                raise ConfigError(f"{where}: published.{pair}: {row!r} is not a row of methods.{hint}")
