@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from mimkd.demo import _epochs_done, _finished, _run_one, _stats
+from mimkd.experiments.pool import Job, finished_summary, mean_std_of, run_jobs
 
 __all__ = ["run_configs", "mean_std", "teacher_checkpoint", "write_report"]
 
@@ -24,33 +21,13 @@ def run_configs(
     jobs: list[tuple[str, dict[str, Any]]], workers: int | None = None, desc: str = "runs"
 ) -> dict[str, list[dict[str, Any]]]:
     """Run ``(row, config dict)`` jobs (finished ones are read back); returns the summaries per row."""
-    from tqdm.auto import tqdm
-
-    cores = os.cpu_count() or 1
-    workers = max(1, min(workers or cores, cores))
-    threads = max(1, cores // workers)
-    out: dict[str, list[dict[str, Any]]] = {}
-    pending = {}
-    dirs, total = [], 0
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for row, cfg in jobs:
-            out.setdefault(row, [])
-            run_dir = Path(cfg["out_dir"]) / cfg["name"]
-            epochs = cfg["optim"]["epochs"]
-            dirs.append((run_dir, epochs))
-            total += epochs
-            done = _finished(run_dir, epochs)
-            if done:
-                out[row].append(done)
-            else:
-                pending[pool.submit(_run_one, cfg, threads)] = row
-        with tqdm(total=total, desc=desc, unit="epoch", disable=not sys.stderr.isatty()) as bar:
-            while pending:
-                for fut in [f for f in pending if f.done()]:
-                    out[pending.pop(fut)].append(fut.result())
-                bar.n = sum(min(_epochs_done(d), e) for d, e in dirs)
-                bar.refresh()
-                time.sleep(0.5)
+    batch = [
+        Job(row, cfg, done=finished_summary(Path(cfg["out_dir"]) / cfg["name"], cfg["optim"]["epochs"]))
+        for row, cfg in jobs
+    ]
+    out: dict[str, list[dict[str, Any]]] = {row: [] for row, _ in jobs}
+    for job, summary in run_jobs(batch, workers, desc=desc):
+        out[job.tag].append(summary)
     for row, runs in out.items():
         for s in runs:
             if s.get("status") == "failed":
@@ -61,7 +38,7 @@ def run_configs(
 def mean_std(values: list[float]) -> str:
     if not values:
         return "N/A"
-    m, s = _stats(values)
+    m, s = mean_std_of(values)
     return f"{m:.2f} ± {s:.2f}"
 
 

@@ -347,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     m.set_defaults(fn=cmd_demo)
 
+    from mimkd.evaluation.probe import register_cli as add_probe_command
     from mimkd.experiments.cli import register_cli as add_study_commands
 
     add_study_commands(sub)
+    add_probe_command(sub)
 
     for name, help_ in (
         ("models", "list zoo models"),

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mimkd.experiments.pool import Job, finished_summary, mean_std_of, run_jobs
 
 __all__ = ["run_demo", "DEMO"]
 
@@ -99,43 +98,8 @@ def _student_config(
     return cfg
 
 
-def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:
-    try:
-        s = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return s if s.get("status") == "finished" and s.get("epochs") == epochs else None
-
-
-def _run_one(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Worker: one run (resumes if its directory holds an interrupted one)."""
-    import torch
-
-    from mimkd.config import build_config
-    from mimkd.engine.setup import run
-    from mimkd.errors import MimkdError
-
-    torch.set_num_threads(threads)
-    cfg = build_config({**cfg_dict, "threads": threads})
-    try:
-        return run(cfg, resume=True)
-    except MimkdError as e:
-        return {"status": "failed", "error": str(e), "method": cfg.method.name}
-
-
-def _epochs_done(run_dir: Path) -> int:
-    try:
-        return sum(1 for _ in (run_dir / "metrics.jsonl").open())
-    except OSError:
-        return 0
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
+_finished = finished_summary
+_stats = mean_std_of
 
 
 def summarise(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -262,8 +226,6 @@ def run_demo(
     protocol (``experiments/baselines_fmnist.py``); a method with a ``runs_as`` key runs that registered
     method under this row name (e.g. two option sets of one method).
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,30 +257,12 @@ def run_demo(
         flush=True,
     )
     summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    pending = {}
-    run_dirs = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for method, _seed, cfg in jobs:
-            run_dir = Path(cfg["out_dir"]) / cfg["name"]
-            run_dirs.append(run_dir)
-            done = _finished(run_dir, epochs)
-            if done:
-                summaries[method].append(done)
-                continue
-            pending[pool.submit(_run_one, cfg, threads)] = method
-        total = len(jobs) * epochs
-        enabled = sys.stderr.isatty() if progress is None else progress
-        with tqdm(
-            total=total, desc="demo runs", unit="epoch", disable=not enabled, dynamic_ncols=True
-        ) as bar:
-            while pending:
-                for fut in [f for f in pending if f.done()]:
-                    summaries[pending.pop(fut)].append(fut.result())
-                bar.n = sum(min(_epochs_done(d), epochs) for d in run_dirs)
-                bar.refresh()
-                time.sleep(0.5)
-            bar.n = total
-            bar.refresh()
+    batch = [
+        Job(method, cfg, done=_finished(Path(cfg["out_dir"]) / cfg["name"], epochs))
+        for method, _, cfg in jobs
+    ]
+    for job, summary in run_jobs(batch, workers, threads, desc="demo runs", progress=progress):
+        summaries[job.tag].append(summary)
     for method, runs in summaries.items():
         for s in runs:
             if s.get("status") == "failed":
