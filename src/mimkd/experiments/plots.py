@@ -39,7 +39,7 @@ def training_curves(study: Study, records: list, dest: Path) -> list[Path]:
             runs = [
                 r for r in records if r.kind == "student" and pair in r.pairs and r.row == row and not r.point
             ]
-            curves = [dict(r.curve) for r in runs if r.curve]
+            curves = [dict(r.curve) for r in runs if r.ok and r.curve]  # finished runs only
             if not curves:
                 continue
             epochs = sorted(set.intersection(*(set(c) for c in curves)))
