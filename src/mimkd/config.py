@@ -104,6 +104,9 @@ class OptimConfig(_Strict):
     milestones: list[int] | None = None
     gamma: float | None = Field(None, gt=0.0)
     warmup_epochs: int | None = Field(None, ge=0)
+    # Under torchrun, batch_size is per process (the global batch is batch_size x processes); scale_lr
+    # multiplies the learning rate by the number of processes (the linear scaling rule, Goyal et al. 2017).
+    scale_lr: bool = False
 
 
 class TrainConfig(_Strict):
@@ -119,6 +122,16 @@ class TrainConfig(_Strict):
     channels_last: bool = True  # NHWC tensors: 1.4-2x faster for the small CNNs on CPU, the usual GPU win
     max_steps_per_epoch: int | None = Field(None, ge=1)  # for smoke runs
     measure_latency: bool = True  # the student's single-image CPU latency in summary.json (1 / all threads)
+    # Speed (see mimkd.engine.step and results/engine_options_cpu.md for what was measured on a CPU).
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: torch.autocast on the training device
+    compile: bool = False  # torch.compile the student, the teacher and the method's modules
+    # the uint8 training set (and its augmentation) in GPU memory; auto: when it fits in a quarter of it
+    data_on_device: Literal["auto"] | bool = "auto"
+    # Non-finite losses: "step" reads a flag each step (free on a CPU: no device to wait for); "deferred"
+    # masks the optimiser update on the device and reads the flag at checkpoint/log boundaries only (no
+    # host-device synchronisation per step); "auto": deferred on CUDA, step elsewhere.
+    nonfinite_check: Literal["auto", "step", "deferred"] = "auto"
+    sync_bn: bool = False  # SyncBatchNorm in the student(s) under torchrun (CUDA only in torch 2.13)
 
 
 class FinetuneConfig(_Strict):

@@ -23,6 +23,7 @@ from mimkd.errors import DataError
 
 __all__ = [
     "AugmentParams",
+    "to_device",
     "BatchAugment",
     "normalize",
     "random_crop_flip",
@@ -49,8 +50,28 @@ class AugmentParams(NamedTuple):
         return AugmentParams(*(None if t is None else t[start:stop] for t in self))
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor goes to a GPU through pinned memory without blocking the host."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_STATS: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
 def _stats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
+    """Per-channel constants as a 1×C×1×1 float32 tensor on ``like``'s device (cached: no copy per batch)."""
+    key = (tuple(float(v) for v in values), like.device)
+    out = _STATS.get(key)
+    if out is None:
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            out = to_device(torch.tensor(key[0], dtype=torch.float32), like.device).view(1, -1, 1, 1)
+        _STATS[key] = out
+    return out
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -107,14 +128,14 @@ def _crop_flip(
     n, c, h, w = images.shape
     dev = images.device
     if offsets is None:  # flip only
-        f = flips.to(dev).view(n, 1, 1, 1)
+        f = to_device(flips, dev).view(n, 1, 1, 1)
         return torch.where(f, images.flip(-1), images)
-    offsets = offsets.to(dev)
+    offsets = to_device(offsets, dev)
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
     cols = ar_w.expand(n, w)
     if flips is not None:
-        cols = torch.where(flips.to(dev).view(n, 1), ar_w.flip(0).expand(n, w), cols)
+        cols = torch.where(to_device(flips, dev).view(n, 1), ar_w.flip(0).expand(n, w), cols)
     rows = offsets[:, 0:1] + ar_h  # n×h, indices into the padded image
     cols = offsets[:, 1:2] + cols  # n×w
     padded = F.pad(images, (padding, padding, padding, padding))
@@ -178,7 +199,7 @@ def _resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch
     theta[:, 0, 2] = (2 * left + bw) / w - 1
     theta[:, 1, 1] = bh / h
     theta[:, 1, 2] = (2 * top + bh) / h - 1
-    theta = theta.to(device=images.device, dtype=torch.float32)
+    theta = to_device(theta.to(torch.float32), images.device)
     grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
     x = images.to(torch.float32)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

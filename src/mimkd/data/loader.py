@@ -5,6 +5,12 @@
 so ``it.epoch(e, start_step=k)`` yields exactly the batches an uninterrupted ``it.epoch(e)`` yields from step
 ``k`` on, which is what an exact resume needs.
 
+Placement: the uint8 dataset lives on ``storage_device`` (by default the training device, i.e. GPU memory
+on a GPU) and batches are gathered and augmented there; with the dataset kept on the CPU for a GPU run
+(``storage_device="cpu"``) each finished batch is copied through pinned memory without blocking. Every
+host-to-device copy the iterator makes goes through pinned memory with ``non_blocking=True``, so building a
+batch never waits for the GPU.
+
 Distributed data parallel: the global batch is ``batch_size × world_size``; its indices and its augmentation
 parameters are drawn exactly as for one process with batch ``batch_size × world_size``, and rank ``r`` takes
 the ``r``-th contiguous slice. The union of the ranks' batches is therefore the single-process batch.
@@ -17,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from mimkd.data.augment import BatchAugment, normalize
+from mimkd.data.augment import BatchAugment, normalize, to_device
 from mimkd.data.dataset import ImageDataset
 from mimkd.errors import DataError
 
@@ -70,6 +76,7 @@ class BatchIterator:
             only normalises with the dataset's mean/std.
         with_labels: ``False`` hides the labels (``Batch.labels`` is ``None``; the iterator holds none).
         rank, world_size: this process's place in a data-parallel group.
+        storage_device: where the uint8 images live and batches are built (default: ``device``).
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class BatchIterator:
         with_labels: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        storage_device: torch.device | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -101,8 +109,9 @@ class BatchIterator:
         if n == 0:
             raise DataError(f"dataset {dataset.name!r} is empty")
         self.device = torch.device(device)
-        self.images = dataset.images.to(self.device)
-        self.labels = dataset.labels.to(self.device) if with_labels else None
+        self.storage = torch.device(storage_device) if storage_device is not None else self.device
+        self.images = dataset.images.to(self.storage)
+        self.labels = dataset.labels.to(self.storage) if with_labels else None
         self.mean, self.std = dataset.mean, dataset.std
         self.num_samples = n
         self.batch_size = batch_size
@@ -124,7 +133,7 @@ class BatchIterator:
         """Yield the batches of ``epoch`` from step ``start_step`` on."""
         if not 0 <= start_step <= self._steps:
             raise DataError(f"start_step must lie in [0, {self._steps}], got {start_step}")
-        perm = self.permutation(epoch).to(self.device)
+        perm = to_device(self.permutation(epoch), self.storage)
         gb = self.global_batch
         for step in range(start_step, self._steps):
             g_start = step * gb
@@ -132,9 +141,12 @@ class BatchIterator:
             lo = g_len * self.rank // self.world_size
             hi = g_len * (self.rank + 1) // self.world_size
             index = perm[g_start + lo : g_start + hi]
-            yield Batch(
-                self._images(epoch, step, perm, g_start, g_len, lo, hi, index), self._labels(index), index
-            )
+            images = self._images(epoch, step, perm, g_start, g_len, lo, hi, index)
+            labels = self._labels(index)
+            if self.storage != self.device:
+                images, index = to_device(images, self.device), to_device(index, self.device)
+                labels = to_device(labels, self.device) if labels is not None else None
+            yield Batch(images, labels, index)
 
     def _labels(self, index: torch.Tensor) -> torch.Tensor | None:
         return None if self.labels is None else self.labels.index_select(0, index)

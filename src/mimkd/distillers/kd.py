@@ -29,8 +29,10 @@ def kd_loss(
             f"teacher {tuple(teacher_logits.shape)}"
         )
     t = temperature
-    log_p_s = F.log_softmax(student_logits / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / t, dim=1)
+    # float32 even under bf16 autocast: the KL is a difference of nearby log-probabilities (CUDA's autocast
+    # upcasts log_softmax by itself, the CPU's does not); a no-op for float32 logits
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
     return kl * t * t
 

@@ -154,26 +154,46 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "") -> dict[str
     return ckpt
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every RNG state a run touches: torch CPU (+ CUDA), numpy, python."""
+def capture_rng(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Every RNG state a run touches: torch CPU, numpy, python, and the CUDA generator of ``device``.
+
+    Only the training device's CUDA state is read (``"cuda_device"``): reading every visible GPU's state
+    would create a CUDA context on each of them from every process of a multi-GPU run. With ``device=None``
+    and CUDA available, every GPU's state is kept (``"cuda"``, the older layout).
+    """
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state_to_tensors(np.random.get_state()),
         "python": _python_state_to_tensors(random.getstate()),
     }
-    if torch.cuda.is_available():
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(dev)
+    elif dev is None and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Restore what :func:`capture_rng` captured (the CUDA state onto ``device`` when it is a GPU)."""
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
     if "python" in state:
         random.setstate(_python_state_from_tensors(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    dev = torch.device(device) if device is not None else None
+    if "cuda_device" in state and dev is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], dev)
+    elif "cuda" in state and torch.cuda.is_available():
+        if (
+            dev is not None
+            and dev.type == "cuda"
+            and dev.index is not None
+            and dev.index < len(state["cuda"])
+        ):
+            torch.cuda.set_rng_state(state["cuda"][dev.index], dev)
+        elif dev is None:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # weights_only=True loading accepts tensors and plain containers: store RNG states in that form.

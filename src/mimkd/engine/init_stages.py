@@ -9,6 +9,10 @@ mode); the student is back in train mode when the main training starts.
 Progress (stage, epoch, step, the stage optimiser) is part of ``last.pt``, and the stage's batches are a
 pure function of (seed, stage, epoch, step), so an interrupted run resumes inside a stage exactly like the
 main loop.
+
+A stage step is a :class:`~mimkd.engine.step.TrainStep` (the run's precision; the non-finite check reads a
+flag each step). Under torchrun each rank takes its slice of the stage's global batch and the stage's
+gradients are averaged over the ranks after the backward (the stage's modules are trained outside DDP).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import torch
 from mimkd.data import BatchIterator
 from mimkd.distillers.base import InitStage
 
-from .logging import Meter, MetricsLog, progress_bar
+from .distributed import all_reduce_gradients
+from .logging import LaggedScalars, Meter, MetricsLog, NullLog, progress_bar
+from .step import TrainStep
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -68,7 +74,7 @@ def _stage_modes(trainer: Trainer, stage: InitStage) -> None:
         d.teacher.eval()
 
 
-def run_init_stages(trainer: Trainer, log: MetricsLog) -> None:
+def run_init_stages(trainer: Trainer, log: MetricsLog | NullLog) -> None:
     """Run (or finish, after a resume) every init stage of the trainer's distiller."""
     stages = trainer.distiller.init_stages()
     progress: InitProgress = trainer.init_progress
@@ -77,8 +83,9 @@ def run_init_stages(trainer: Trainer, log: MetricsLog) -> None:
         index = progress.done
         stage = stages[index]
         o = cfg.optim
+        params = _parameters(stage)
         optimizer = torch.optim.SGD(
-            _parameters(stage),
+            params,
             lr=stage.lr or float(o.lr),
             momentum=o.momentum or 0.0,
             nesterov=bool(o.nesterov),
@@ -96,10 +103,23 @@ def run_init_stages(trainer: Trainer, log: MetricsLog) -> None:
             device=trainer.device,
             augment=trainer.augment,
             with_labels=False,
+            rank=trainer.dist.rank,
+            world_size=trainer.dist.world_size,
+            storage_device=trainer.storage,
         )
+        step = TrainStep(
+            _stage_forward(stage),
+            optimizer,
+            precision=cfg.train.precision,
+            check="step",
+            on_nonfinite=cfg.train.on_nonfinite,
+            max_skipped=cfg.train.max_skipped_batches,
+            grad_sync=(lambda ps=params: all_reduce_gradients(ps)) if trainer.dist.enabled else None,
+        )
+        step.load_skipped(trainer.skipped)
         spe = min(len(iterator), trainer.steps_per_epoch)
         while progress.epoch < stage.epochs:
-            _stage_epoch(trainer, stage, index, iterator, optimizer, spe, log)
+            _stage_epoch(trainer, stage, index, iterator, step, spe, log)
         progress.done += 1
         progress.epoch = progress.step = 0
         progress.optimizer_state = None
@@ -107,32 +127,41 @@ def run_init_stages(trainer: Trainer, log: MetricsLog) -> None:
         trainer.save()
 
 
-def _stage_epoch(trainer, stage, index, iterator, optimizer, spe, log) -> None:
+def _stage_forward(stage: InitStage):
+    """The stage's loss as a TrainStep model: ``(images, labels, index) -> (None, terms)``."""
+
+    def forward(images, labels, index):
+        return None, stage.loss_fn(images, index)
+
+    return forward
+
+
+def _stage_epoch(trainer, stage, index, iterator, step: TrainStep, spe, log) -> None:
     progress: InitProgress = trainer.init_progress
+    optimizer = step.optimizer
     _stage_modes(trainer, stage)
     meter = Meter()
+    shown = LaggedScalars()
     t0, seen = time.time(), 0
     desc = f"init {stage.name} {progress.epoch + 1}/{stage.epochs}"
-    bar = progress_bar(spe, desc, trainer.cfg.train.progress, progress.step)
+    bar = progress_bar(spe, desc, trainer.cfg.train.progress if trainer.is_main else False, progress.step)
     try:
         for batch in iterator.epoch(progress.epoch, start_step=progress.step):
             if progress.step >= spe:
                 break
             images = batch.images.contiguous(memory_format=trainer.memory_format)
-            terms = stage.loss_fn(images, batch.index)
-            total = sum(terms.values())
-            if not bool(torch.isfinite(total)):
-                trainer._non_finite(terms, -1)
+            out = step(images, None, batch.index, position=(-1, progress.step))
+            if not out.applied:
+                trainer._after_refusal(step.status())
                 progress.step += 1
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            values = {f"loss.{k}": v.detach() for k, v in terms.items()} | {"loss.total": total.detach()}
+            values = {f"loss.{k}": v for k, v in out.terms.items()} | {"loss.total": out.total}
             meter.add(values, images.shape[0])
             progress.step += 1
             seen += images.shape[0]
-            bar.set_postfix({k[5:]: f"{float(v):.4f}" for k, v in values.items()}, refresh=False)
+            if not bar.disable:
+                shown.push({k[5:]: v for k, v in values.items()})
+                bar.set_postfix({k: f"{v:.4f}" for k, v in (shown.latest() or {}).items()}, refresh=False)
             bar.update(1)
             if progress.step % trainer.cfg.train.checkpoint_every_steps == 0 and progress.step < spe:
                 progress.optimizer_state = optimizer.state_dict()
@@ -140,8 +169,8 @@ def _stage_epoch(trainer, stage, index, iterator, optimizer, spe, log) -> None:
     finally:
         bar.close()
     record = {"stage": stage.name, "stage_index": index, "stage_epoch": progress.epoch}
-    record |= {f"init.{k}": v for k, v in meter.means().items()}
-    record["init.images_per_s"] = seen / max(time.time() - t0, 1e-9)
+    record |= {f"init.{k}": v for k, v in meter.reduced().means().items()}
+    record["init.images_per_s"] = seen * trainer.dist.world_size / max(time.time() - t0, 1e-9)
     log.write(record, trainer.global_step)
     progress.epoch += 1
     progress.step = 0

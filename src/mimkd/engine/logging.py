@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsLog", "Meter", "progress_bar", "write_json"]
+__all__ = ["LaggedScalars", "MetricsLog", "Meter", "NullLog", "progress_bar", "write_json"]
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -30,27 +30,85 @@ def _jsonable(x: Any) -> Any:
 
 
 class Meter:
-    """Running sums of named values, kept as tensors so the training step never waits on the device."""
+    """Running sums of named values, kept as tensors so the training step never waits on the device.
+
+    ``add(values, n, keep)``: with a device bool ``keep`` (a deferred non-finite check) the values count only
+    when it is True, and the image count itself becomes a device tensor, read at :meth:`means`.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.count: int | torch.Tensor = 0
 
-    def add(self, values: dict[str, torch.Tensor], n: int = 1) -> None:
+    def add(self, values: dict[str, torch.Tensor], n: int = 1, keep: torch.Tensor | None = None) -> None:
         for k, v in values.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v * n if k in self.sums else v * n
-        self.count += n
+            v = v.detach().float() * n
+            if keep is not None:
+                v = torch.where(keep, v, torch.zeros_like(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count = self.count + (n if keep is None else keep.long() * n)
 
     def means(self) -> dict[str, float]:
-        return {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+        count = max(float(self.count), 1.0)
+        return {k: float(v) / count for k, v in self.sums.items()}
+
+    def reduced(self) -> Meter:
+        """A copy summed over the ranks of a distributed run (collective: every rank must call it)."""
+        from .distributed import all_reduce_sum, current
+
+        out = Meter()
+        out.sums = dict(self.sums)
+        out.count = self.count
+        if not current().enabled:
+            return out
+        keys = sorted(self.sums)
+        device = next(iter(self.sums.values())).device if self.sums else torch.device("cpu")
+        flat = torch.stack([*(self.sums[k].float().reshape(()) for k in keys), torch.as_tensor(
+            self.count, dtype=torch.float32, device=device
+        ).reshape(())]).to(torch.float64)  # fmt: skip
+        all_reduce_sum(flat)
+        out.sums = {k: flat[i].to(torch.float32) for i, k in enumerate(keys)}
+        out.count = int(round(float(flat[-1])))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": int(self.count)}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
         self.count = int(state["count"])
+
+
+class LaggedScalars:
+    """Scalars for the progress bar, read without waiting for the device.
+
+    On CUDA :meth:`push` copies the values into pinned host memory behind an event (asynchronously) and
+    :meth:`latest` returns the newest copy that has arrived, so the bar shows values a few steps old instead
+    of stalling the step. Elsewhere the values are read directly (nothing to wait for).
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[list[str], torch.Tensor, Any]] = []
+        self._latest: dict[str, float] | None = None
+
+    def push(self, values: dict[str, torch.Tensor]) -> None:
+        keys = list(values)
+        flat = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+        if flat.device.type != "cuda":
+            self._latest = dict(zip(keys, flat.tolist()))
+            return
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((keys, host, event))
+        del self._pending[:-4]  # never keep more than a few copies in flight
+
+    def latest(self) -> dict[str, float] | None:
+        while self._pending and self._pending[0][2].query():
+            keys, host, _ = self._pending.pop(0)
+            self._latest = dict(zip(keys, host.tolist()))
+        return self._latest
 
 
 class MetricsLog:
@@ -112,6 +170,24 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class NullLog:
+    """The metrics log of a non-zero rank in a distributed run: it writes nothing."""
+
+    path = None
+
+    def truncate_from_epoch(self, epoch: int, init_position: tuple[int, int] | None = None) -> None:
+        pass
+
+    def records(self) -> list[dict[str, Any]]:
+        return []
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None, initial: int = 0):

@@ -17,9 +17,16 @@ from mimkd.config import OptimConfig
 __all__ = ["build_optimizer", "lr_at", "set_lr"]
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay on every trainable parameter, as RepDistiller) or AdamW."""
+def build_optimizer(
+    cfg: OptimConfig, params: Iterable[torch.nn.Parameter], *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay on every trainable parameter, as RepDistiller) or AdamW.
+
+    ``fused=True`` picks PyTorch's fused implementation, which can skip an update on the device
+    (``found_inf``, used by the deferred non-finite check of :class:`~mimkd.engine.step.TrainStep`).
+    """
     params = [p for p in params if p.requires_grad]
+    extra = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -27,9 +34,10 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
             momentum=cfg.momentum or 0.0,
             nesterov=bool(cfg.nesterov),
             weight_decay=cfg.weight_decay or 0.0,
+            **extra,
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.0)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.0, **extra)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 

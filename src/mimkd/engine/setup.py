@@ -1,7 +1,8 @@
 """From a :class:`~mimkd.config.RunConfig` to a running :class:`~mimkd.engine.trainer.Trainer`.
 
 This is the one place that turns names into objects: dataset, student, teacher (with its checkpoint),
-distiller, augmentation, device. ``mimkd train`` and ``mimkd distill`` both call :func:`run`.
+distiller, augmentation, device. ``mimkd train`` and ``mimkd distill`` both call :func:`run`, which also
+starts the process group when ``torchrun`` launched several processes (:mod:`mimkd.engine.distributed`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from mimkd.evaluation.flops import count_flops, count_parameters
 from mimkd.features import FeatureTap, feature_points_of
 from mimkd.models import FeaturePoints, build_network
 
+from . import distributed
 from .checkpoint import load_checkpoint, load_weights
-from .trainer import StudentInfo, Trainer
+from .distributed import DistInfo
+from .trainer import StudentInfo, Trainer, evaluate_sharded
 
 __all__ = ["resolve_device", "build_network", "load_teacher", "load_data", "prepare", "run", "Prepared"]
 
@@ -118,10 +121,18 @@ class Prepared:
     summary_extra: dict[str, Any]
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Build everything a run needs (no training yet)."""
+def prepare(
+    cfg: RunConfig, dist_info: DistInfo | None = None, device: torch.device | None = None
+) -> Prepared:
+    """Build everything a run needs (no training yet). ``dist_info``/``device``: this process's place in a
+    distributed run and its device (default: a single process on ``cfg.device``)."""
     cfg = cfg.resolved()
-    device = resolve_device(cfg.device)
+    info = dist_info if dist_info is not None else distributed.SINGLE
+    device = device if device is not None else resolve_device(cfg.device)
+    sync_bn = distributed.check_sync_bn(cfg.train.sync_bn, device, info)
+    if device.type == "cuda":  # cuDNN autotuning (fixed input shapes) unless the run asks to be deterministic
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -130,6 +141,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     student = build_network(cfg.student.arch, num_classes, in_channels)
     if cfg.student.checkpoint:
         load_weights(student, cfg.student.checkpoint, cfg.student.arch)
+    if sync_bn:  # before any feature tap is attached (conversion replaces the BatchNorm modules)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     finetune: dict[str, Any] | None = None
     if cfg.finetune is not None:  # mimkd finetune: all weights but the classifier; linear mode freezes
         from .finetune import init_student
@@ -153,9 +166,13 @@ def prepare(cfg: RunConfig) -> Prepared:
         num_classes=num_classes,
         train_labels=train.labels,
         student_arch=cfg.student.arch,
-        build_network=lambda arch: build_network(arch, num_classes, in_channels),
+        build_network=lambda arch: _maybe_sync_bn(build_network(arch, num_classes, in_channels), sync_bn),
         **options,
     )
+    if sync_bn:  # the method's own modules too (e.g. MIMKD's projection heads hold a BatchNorm1d)
+        for name, child in list(distiller.named_children()):
+            if name not in ("student", "teacher") and child not in distiller.networks().values():
+                setattr(distiller, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     extra: dict[str, Any] = {
         "data": cfg.data.name,
         "train_images": len(train),
@@ -176,34 +193,38 @@ def prepare(cfg: RunConfig) -> Prepared:
     )
 
 
+def _maybe_sync_bn(net: nn.Module, sync_bn: bool) -> nn.Module:
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
+
+
 def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Prepare and train; returns the run summary."""
-    p = prepare(cfg)
-    _claim_run_dir(p, resume, overwrite)
-    if p.distiller.teacher is not None and p.cfg.train.eval_teacher:
-        from mimkd.data import eval_batches
-        from mimkd.evaluation.accuracy import evaluate
+    """Prepare and train; returns the run summary (on every rank of a torchrun launch)."""
+    with distributed.session(cfg.device) as (info, device):
+        p = prepare(cfg, info, device)
+        _claim_run_dir(p, resume, overwrite, info)
+        if p.distiller.teacher is not None and p.cfg.train.eval_teacher:
+            fmt = torch.channels_last if p.cfg.train.channels_last else torch.contiguous_format
+            p.distiller.teacher.to(device=p.device, memory_format=fmt)
+            res = evaluate_sharded(p.distiller.teacher, p.test, p.cfg.data.test_batch_size, p.device, fmt)
+            p.summary_extra["teacher_test_top1"] = res["top1"]
+        student = StudentInfo(p.student_arch, p.train.num_classes, p.train.image_shape[0])
+        trainer = Trainer(
+            p.cfg,
+            p.distiller,
+            p.train,
+            p.test,
+            p.run_dir,
+            p.device,
+            student,
+            p.augment,
+            extra_summary=p.summary_extra,
+            dist_info=info,
+        )
+        return trainer.fit(resume=resume)
 
-        fmt = torch.channels_last if p.cfg.train.channels_last else torch.contiguous_format
-        p.distiller.teacher.to(device=p.device, memory_format=fmt)
-        batches = eval_batches(p.test, p.cfg.data.test_batch_size, p.device)
-        p.summary_extra["teacher_test_top1"] = evaluate(p.distiller.teacher, batches, fmt)["top1"]
-    info = StudentInfo(p.student_arch, p.train.num_classes, p.train.image_shape[0])
-    trainer = Trainer(
-        p.cfg,
-        p.distiller,
-        p.train,
-        p.test,
-        p.run_dir,
-        p.device,
-        info,
-        p.augment,
-        extra_summary=p.summary_extra,
-    )
-    return trainer.fit(resume=resume)
 
-
-def _claim_run_dir(p: Prepared, resume: bool, overwrite: bool) -> None:
+def _claim_run_dir(p: Prepared, resume: bool, overwrite: bool, info: DistInfo = distributed.SINGLE) -> None:
+    """Check the run directory (every rank, before anyone writes), then write config.yaml (rank 0)."""
     run_dir, cfg = p.run_dir, p.cfg
     cfg_file = run_dir / "config.yaml"
     exists = (run_dir / "last.pt").exists() or cfg_file.exists()
@@ -212,9 +233,6 @@ def _claim_run_dir(p: Prepared, resume: bool, overwrite: bool) -> None:
             f"run directory {str(run_dir)!r} already holds a run: pass --resume to continue it, --overwrite "
             "to start over, or --name to choose another"
         )
-    if exists and overwrite and not resume:
-        for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json"):
-            (run_dir / name).unlink(missing_ok=True)
     if resume and cfg_file.exists():
         old = yaml.safe_load(cfg_file.read_text()) or {}
         new = cfg.model_dump(mode="json")
@@ -224,13 +242,19 @@ def _claim_run_dir(p: Prepared, resume: bool, overwrite: bool) -> None:
                 f"cannot resume {str(run_dir)!r}: the configuration differs from the one it started with: "
                 + "; ".join(diffs[:10])
             )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        os.replace(tmp, cfg_file)
-    except OSError as e:
-        raise ConfigError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
+    distributed.barrier()  # every rank has looked before rank 0 writes
+    if info.is_main:
+        if exists and overwrite and not resume:
+            for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / ".config.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            os.replace(tmp, cfg_file)
+        except OSError as e:
+            raise ConfigError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
+    distributed.barrier()
 
 
 # keys that may change between a run and its resumption
@@ -240,6 +264,9 @@ _RESUME_FREE = {
     "train.progress",
     "train.tensorboard",
     "train.measure_latency",
+    "train.compile",
+    "train.data_on_device",
+    "train.nonfinite_check",
     "data.root",
     "out_dir",
 }

@@ -16,10 +16,22 @@ first, ``best_<name>.pt`` for the others) and the summary reports every network.
 (``uses_labels = False``, KDEP pre-training) trains on batches without labels and is not evaluated: its
 classifier is untrained; ``mimkd finetune`` measures what it learnt. A method's ``offline_pass`` (KDEP's SVD)
 runs once before training, with a progress bar, and its result is part of ``last.pt``.
+
+Speed (``train.*``): the step is :class:`~mimkd.engine.step.TrainStep` (``precision`` bf16 autocast,
+``nonfinite_check``), ``compile`` compiles the networks and the method's modules, ``channels_last`` keeps
+NHWC tensors, ``data_on_device`` keeps the uint8 dataset (and the augmentation) on the GPU. The step performs
+no host-device synchronisation on CUDA (deferred non-finite check); losses reach the meters as device tensors,
+read once per epoch, and the progress bar shows values copied asynchronously (a few steps old).
+
+Distributed (``torchrun``, :mod:`mimkd.engine.distributed`): batch ``optim.batch_size`` per process, each
+rank its slice of the same global batch; the distiller wrapped in DDP; only rank 0 writes; evaluation is
+sharded over the ranks (each evaluates its contiguous share of the test set with rank 0's BatchNorm
+statistics, and the counts are summed), so every rank holds the same record and the same best epoch.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,12 +46,55 @@ from mimkd.distillers.base import Distiller
 from mimkd.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mimkd.evaluation.accuracy import evaluate, topk_correct
 
+from . import distributed
 from .checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
+from .distributed import DistInfo
 from .init_stages import InitProgress, run_init_stages
-from .logging import Meter, MetricsLog, progress_bar, write_json
+from .logging import LaggedScalars, Meter, MetricsLog, NullLog, progress_bar, write_json
 from .recipe import build_optimizer, lr_at, set_lr
+from .step import NonFiniteStatus, TrainStep, compile_distiller, resolve_check
 
-__all__ = ["Trainer", "StudentInfo"]
+__all__ = ["Trainer", "StudentInfo", "evaluate_sharded", "storage_device"]
+
+
+def storage_device(setting: str | bool, dataset: ImageDataset, device: torch.device) -> torch.device:
+    """Where the training set's uint8 images live (``train.data_on_device``): the GPU or the CPU.
+
+    ``auto`` keeps them on the GPU when they take less than a quarter of its free memory. On a CPU device
+    there is nothing to choose.
+    """
+    if device.type != "cuda" or setting is True:
+        return device
+    if setting is False:
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    need = dataset.images.numel() * dataset.images.element_size()
+    return device if need < free // 4 else torch.device("cpu")
+
+
+def evaluate_sharded(
+    net: torch.nn.Module,
+    dataset: ImageDataset,
+    batch_size: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, float]:
+    """:func:`~mimkd.evaluation.accuracy.evaluate` over ``dataset``, sharded over the ranks of a distributed
+    run (each rank its contiguous share; the counts summed), on every rank the same result."""
+    info = distributed.current()
+    batches = eval_batches(dataset, batch_size, device, rank=info.rank, world_size=info.world_size)
+    res = evaluate(net, batches, memory_format)
+    if not info.enabled:
+        return res
+    n = len(dataset) * (info.rank + 1) // info.world_size - len(dataset) * info.rank // info.world_size
+    counts = torch.tensor(
+        [round(res["top1"] * n / 100.0), round(res["top5"] * n / 100.0), res["loss"] * n, n],
+        dtype=torch.float64,
+        device=device,
+    )
+    distributed.all_reduce_sum(counts)
+    c1, c5, loss, total = counts.tolist()
+    return {"top1": 100.0 * c1 / total, "top5": 100.0 * c5 / total, "loss": loss / total}
 
 
 @dataclass
@@ -65,15 +120,25 @@ class Trainer:
         student_info: StudentInfo,
         augment=None,
         extra_summary: dict[str, Any] | None = None,
+        dist_info: DistInfo | None = None,
     ) -> None:
         self.cfg = cfg
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        t = cfg.train
+        self.dist = dist_info if dist_info is not None else distributed.current()
+        self.is_main = self.dist.is_main
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.distiller = distiller.to(device=device, memory_format=self.memory_format)
         self.device = device
         self.run_dir = Path(run_dir)
         self.student_info = student_info
         self.extra_summary = dict(extra_summary or {})
         o = cfg.optim
+        self.storage = storage_device(t.data_on_device, train_set, device)
+        if len(train_set) < o.batch_size * self.dist.world_size:
+            raise ConfigError(
+                f"optim.batch_size={o.batch_size} × {self.dist.world_size} process(es) is larger than the "
+                f"training set ({len(train_set)} images)"
+            )
         self.iterator = BatchIterator(
             train_set,
             o.batch_size,
@@ -83,12 +148,11 @@ class Trainer:
             device=device,
             augment=augment,
             with_labels=distiller.uses_labels,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            storage_device=self.storage,
         )
-        if len(self.iterator) == 0:
-            raise ConfigError(
-                f"optim.batch_size={o.batch_size} is larger than the training set ({len(train_set)} images)"
-            )
-        self.test_set = test_set
+        self.test_set = test_set.to(device) if self.storage == device else test_set
         self.train_set = train_set
         self.augment = augment
         self.init_progress = InitProgress()  # the method's init stages (AB, FT, FSP, FitNets hints)
@@ -96,7 +160,22 @@ class Trainer:
         self.steps_per_epoch = len(self.iterator)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
-        self.optimizer = build_optimizer(o, (p for _, p in distiller.trainable_named_parameters()))
+        self.check = resolve_check(t.nonfinite_check, device)
+        self.optimizer = build_optimizer(
+            o, (p for _, p in distiller.trainable_named_parameters()), fused=self.check == "deferred"
+        )
+        self.lr_factor = float(self.dist.world_size) if o.scale_lr else 1.0
+        if t.compile:
+            compile_distiller(self.distiller)
+        self.model = distributed.wrap(self.distiller, device)  # DDP under torchrun, else the distiller
+        self.train_step = TrainStep(
+            self.model,
+            self.optimizer,
+            precision=t.precision,
+            check=self.check,
+            on_nonfinite=t.on_nonfinite,
+            max_skipped=t.max_skipped_batches,
+        )
         self.epoch = 0
         self.step = 0  # steps done in self.epoch
         self.global_step = 0
@@ -148,11 +227,12 @@ class Trainer:
             "method": self.distiller.name,
             "method_state": self.distiller.method_state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": capture_rng(),
+            "rng": capture_rng(self.device),
             "epoch": self.epoch,
             "step": self.step,
             "global_step": self.global_step,
-            "meter": self.meter.state_dict(),
+            "world_size": self.dist.world_size,
+            "meter": self.meter.reduced().state_dict(),  # every rank's images (collective)
             "best": dict(self.best),
             "best_networks": {k: dict(v) for k, v in self.best_networks.items()},
             "skipped": self.skipped,
@@ -167,21 +247,32 @@ class Trainer:
         return self.init_progress.state_dict()
 
     def save(self, name: str = "last.pt") -> None:
-        atomic_save(self.state(), self.run_dir / name)
+        """Write the resume state (rank 0 writes; every rank must call it: the meters are summed)."""
+        state = self.state()
+        if self.is_main:
+            atomic_save(state, self.run_dir / name)
 
     def load(self, path: Path) -> None:
         ck = load_checkpoint(path, map_location="cpu")
         if ck.get("format") != FORMAT:
             raise CheckpointError(f"{str(path)!r} is not a mimkd run checkpoint; cannot resume from it")
+        world = int(ck.get("world_size", 1))
+        if world != self.dist.world_size:
+            raise CheckpointError(
+                f"{str(path)!r} was written by a run of {world} process(es); resume it with the same number "
+                f"(this run has {self.dist.world_size}): the global batch and the step positions depend on it"
+            )
         self.distiller.student.load_state_dict(ck["model"])
         self.distiller.load_method_state_dict(ck["method_state"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        restore_rng(ck["rng"])
+        restore_rng(ck["rng"], self.device)
         self.epoch, self.step, self.global_step = ck["epoch"], ck["step"], ck["global_step"]
-        self.meter.load_state_dict(ck["meter"], self.device)
+        if self.is_main:  # the saved meter holds every rank's images: load it once
+            self.meter.load_state_dict(ck["meter"], self.device)
         self.best = ck["best"]
         self.best_networks = ck.get("best_networks", {})
         self.skipped = ck.get("skipped", 0)
+        self.train_step.load_skipped(self.skipped)
         if "init" in ck:
             self.init_progress.load_state_dict(ck["init"])
         else:  # a checkpoint from before init stages existed: its run had none left to do
@@ -192,14 +283,20 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the last epoch (continuing from ``last.pt`` when ``resume``); return the summary."""
         self._t0 = time.time()
-        self.preflight()
+        if self.is_main:
+            self.preflight()
+        distributed.barrier()
         last = self.run_dir / "last.pt"
         if resume and last.exists():
             self.load(last)
-        log = MetricsLog(
-            self.run_dir,
-            tensorboard=self.cfg.train.tensorboard,
-            purge_step=self.global_step if resume else None,
+        log: MetricsLog | NullLog = (
+            MetricsLog(
+                self.run_dir,
+                tensorboard=self.cfg.train.tensorboard,
+                purge_step=self.global_step if resume else None,
+            )
+            if self.is_main
+            else NullLog()
         )
         n_init = len(self.distiller.init_stages())
         p = self.init_progress
@@ -210,6 +307,7 @@ class Trainer:
                 self._offline_pass()
                 self.save()
             run_init_stages(self, log)
+            self.train_step.load_skipped(self.skipped)
             while self.epoch < epochs:
                 self._train_epoch(log)
         finally:
@@ -217,97 +315,111 @@ class Trainer:
         return self.finish(log)
 
     def _offline_pass(self) -> None:
-        """The method's pass over the training images (normalised, unaugmented, no labels)."""
-        bs = self.cfg.data.test_batch_size
-        total = -(-len(self.train_set) // bs)
-        batches = eval_batches(self.train_set, bs, self.device, with_labels=False)
-        images = (b.images.contiguous(memory_format=self.memory_format) for b in batches)
-        bar = progress_bar(total, f"{self.distiller.name}: offline pass", self.cfg.train.progress)
-        try:
-            self.distiller.offline_pass(_counted(images, bar), total, self.run_dir)
-        finally:
-            bar.close()
+        """The method's pass over the training images (normalised, unaugmented, no labels).
 
-    def _train_epoch(self, log: MetricsLog) -> None:
+        In a distributed run rank 0 makes the pass and sends its result (the method state) to the others."""
+        if self.is_main:
+            bs = self.cfg.data.test_batch_size
+            total = -(-len(self.train_set) // bs)
+            batches = eval_batches(self.train_set, bs, self.device, with_labels=False)
+            images = (b.images.contiguous(memory_format=self.memory_format) for b in batches)
+            bar = progress_bar(total, f"{self.distiller.name}: offline pass", self.cfg.train.progress)
+            try:
+                self.distiller.offline_pass(_counted(images, bar), total, self.run_dir)
+            finally:
+                bar.close()
+        if self.dist.enabled:
+            state = (
+                {k: v.cpu() for k, v in self.distiller.method_state_dict().items()} if self.is_main else None
+            )
+            state = distributed.broadcast_object(state)
+            if not self.is_main:
+                self.distiller.load_method_state_dict(state)
+
+    def _train_epoch(self, log: MetricsLog | NullLog) -> None:
         cfg, d = self.cfg, self.distiller
         d.train()
         epoch, spe = self.epoch, self.steps_per_epoch
         bar = progress_bar(
-            spe, f"epoch {epoch + 1}/{cfg.optim.epochs}", cfg.train.progress, initial=self.step
+            spe,
+            f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            cfg.train.progress if self.is_main else False,
+            initial=self.step,
         )
+        shown = LaggedScalars()
         t_epoch, images_seen = time.time(), 0
         try:
             for batch in self.iterator.epoch(epoch, start_step=self.step):
                 if self.step >= spe:
                     break
-                set_lr(self.optimizer, lr_at(cfg.optim, epoch, self.step, spe))
+                set_lr(self.optimizer, lr_at(cfg.optim, epoch, self.step, spe) * self.lr_factor)
                 images = batch.images.contiguous(memory_format=self.memory_format)
-                logits, terms = d(images, batch.labels, batch.index)
-                total = sum(terms.values())
-                if not bool(torch.isfinite(total)):
-                    self._non_finite(terms, epoch)
+                out = self.train_step(images, batch.labels, batch.index, position=(epoch, self.step))
+                if out.applied is False:  # refused (check="step"): skipped, or the run stops here
+                    self._after_refusal(self.train_step.status())
                     self.step += 1
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                self.optimizer.step()
                 n = images.shape[0]
-                values = {f"loss.{k}": v.detach() for k, v in terms.items()}
-                values["loss.total"] = total.detach()
+                values = {f"loss.{k}": v for k, v in out.terms.items()}
+                values["loss.total"] = out.total
                 values.update({f"metric.{k}": v for k, v in d.metrics.items()})
-                if batch.labels is not None:
-                    values["train.top1"] = topk_correct(logits.detach(), batch.labels, (1,))[0].float() * (
+                if batch.labels is not None and out.logits is not None:
+                    values["train.top1"] = topk_correct(out.logits, batch.labels, (1,))[0].float() * (
                         100.0 / n
                     )
-                self.meter.add(values, n)
+                self.meter.add(values, n, keep=out.keep)
                 self.step += 1
                 self.global_step += 1
                 images_seen += n
-                if bar.n % 10 == 0 or self.step == spe:
-                    rate = images_seen / max(time.time() - t_epoch, 1e-9)
-                    bar.set_postfix(
-                        {
-                            k.split(".", 1)[1]: f"{float(v):.3f}"
-                            for k, v in values.items()
-                            if k.startswith("loss.")
-                        }
-                        | {"img/s": f"{rate:.0f}"},
-                        refresh=False,
-                    )
+                if not bar.disable and (bar.n % 10 == 0 or self.step == spe):
+                    shown.push({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("loss.")})
+                    rate = images_seen * self.dist.world_size / max(time.time() - t_epoch, 1e-9)
+                    latest = {k: f"{v:.3f}" for k, v in (shown.latest() or {}).items()}
+                    bar.set_postfix(latest | {"img/s": f"{rate:.0f}"}, refresh=False)
                 bar.update(1)
                 if self.step % cfg.train.checkpoint_every_steps == 0 and self.step < spe:
+                    self._check_nonfinite()
                     self.save()
         finally:
             bar.close()
         self._end_epoch(log, images_seen, time.time() - t_epoch)
 
-    def _non_finite(self, terms: dict[str, torch.Tensor], epoch: int) -> None:
-        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())] or ["total"]
-        values = ", ".join(str(float(terms[k].detach())) if k in terms else "nan" for k in bad)
+    def _check_nonfinite(self) -> None:
+        """Read the step's non-finite state (a device read in deferred mode: only at boundaries)."""
+        self._after_refusal(self.train_step.status())
+
+    def _after_refusal(self, status: NonFiniteStatus) -> None:
+        self.skipped = status.skipped
+        if status.halted:
+            self._halt(status)
+
+    def _halt(self, status: NonFiniteStatus) -> None:
+        """Stop the run for a non-finite loss: summary.json says so, last.pt stays the last good state."""
+        epoch, step = status.position if status.position is not None else (self.epoch, self.step)
+        values = ", ".join(str(v) for v in status.values)
         msg = (
-            f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: term(s) {', '.join(bad)} = {values}"
+            f"non-finite loss at epoch {epoch + 1}, step {step + 1}: term(s) {', '.join(status.terms)} = "
+            f"{values}"
         )
-        if self.cfg.train.on_nonfinite == "skip" and self.skipped < self.cfg.train.max_skipped_batches:
-            self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            return
-        write_json(self.run_dir / "summary.json", {"status": "diverged", "error": msg, "epoch": epoch})
+        if self.is_main:
+            write_json(self.run_dir / "summary.json", {"status": "diverged", "error": msg, "epoch": epoch})
         raise NonFiniteLossError(
             f"{msg}. The step was refused; last.pt holds the last good state. Lower the learning rate or "
             "that term's weight, or pass --set train.on_nonfinite=skip to skip such batches."
         )
 
-    def _end_epoch(self, log: MetricsLog, images_seen: int, seconds: float) -> None:
+    def _end_epoch(self, log: MetricsLog | NullLog, images_seen: int, seconds: float) -> None:
         cfg = self.cfg
+        self._check_nonfinite()
         record: dict[str, Any] = {
             "epoch": self.epoch,
-            "lr": lr_at(cfg.optim, self.epoch, 0, self.steps_per_epoch),
+            "lr": lr_at(cfg.optim, self.epoch, 0, self.steps_per_epoch) * self.lr_factor,
         }
-        record.update(self.meter.means())
+        record.update(self.meter.reduced().means())
         last_epoch = self.epoch + 1 == cfg.optim.epochs
         if self.evaluates and ((self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
             self._evaluate_networks(record)
-        record["images_per_s"] = images_seen / max(seconds, 1e-9)
+        record["images_per_s"] = images_seen * self.dist.world_size / max(seconds, 1e-9)  # all ranks
         record["epoch_seconds"] = seconds
         record["wall_time"] = self.wall_before + (time.time() - self._t0)
         record["skipped_batches"] = self.skipped
@@ -320,6 +432,7 @@ class Trainer:
     def _evaluate_networks(self, record: dict[str, Any]) -> None:
         """Evaluate every network; record its accuracy and keep its best checkpoint."""
         for i, (name, net) in enumerate(self.distiller.networks().items()):
+            distributed.broadcast_buffers(net)  # rank 0's BatchNorm statistics: those its checkpoint holds
             res = self.evaluate(net)
             prefix = "test" if i == 0 else f"test.{name}"
             record.update({f"{prefix}.top1": res["top1"], f"{prefix}.top5": res["top5"]})
@@ -331,10 +444,12 @@ class Trainer:
             if i == 0:
                 self.best = best
                 state = {k: v for k, v in self.state().items() if k not in ("optimizer", "rng", "meter")}
-                atomic_save(state, self.run_dir / "best.pt")
+                if self.is_main:
+                    atomic_save(state, self.run_dir / "best.pt")
             else:
                 self.best_networks[name] = best
-                atomic_save(self._network_state(name, net), self.run_dir / f"best_{name}.pt")
+                if self.is_main:
+                    atomic_save(self._network_state(name, net), self.run_dir / f"best_{name}.pt")
 
     def _network_state(self, name: str, net: torch.nn.Module) -> dict[str, Any]:
         """A checkpoint of one cohort network alone, loadable as a teacher or exportable."""
@@ -353,11 +468,23 @@ class Trainer:
         }
 
     def evaluate(self, net: torch.nn.Module | None = None) -> dict[str, float]:
-        bs = self.cfg.data.test_batch_size
-        batches = eval_batches(self.test_set, bs, self.device)
-        return evaluate(net if net is not None else self.distiller.student, batches, self.memory_format)
+        """Test accuracy of ``net`` (default: the student); sharded over the ranks of a distributed run."""
+        net = net if net is not None else self.distiller.student
+        return evaluate_sharded(
+            net, self.test_set, self.cfg.data.test_batch_size, self.device, self.memory_format
+        )
 
-    def finish(self, log: MetricsLog) -> dict[str, Any]:
+    def finish(self, log: MetricsLog | NullLog) -> dict[str, Any]:
+        """Write summary.json (rank 0) and return the summary (every rank, read back after rank 0 wrote)."""
+        if not self.is_main:
+            distributed.barrier()
+            return json.loads((self.run_dir / "summary.json").read_text())
+        try:
+            return self._write_summary(log)
+        finally:
+            distributed.barrier()
+
+    def _write_summary(self, log: MetricsLog | NullLog) -> dict[str, Any]:
         records = log.records()
         last = next((r for r in reversed(records) if "test.top1" in r), {})
         rates = [r["images_per_s"] for r in records if "images_per_s" in r]
@@ -377,6 +504,16 @@ class Trainer:
             "student_input_shape": list(self.train_set.image_shape),  # C, H, W (latency, export, probes)
             "num_classes": self.student_info.num_classes,
             "skipped_batches": self.skipped,
+            "speed": {
+                "precision": self.cfg.train.precision,
+                "compile": self.cfg.train.compile,
+                "channels_last": self.cfg.train.channels_last,
+                "nonfinite_check": self.check,
+                "data_on_device": self.storage == self.device,
+                "world_size": self.dist.world_size,
+                "global_batch": self.cfg.optim.batch_size * self.dist.world_size,
+                "lr_factor": self.lr_factor,
+            },
             **self.extra_summary,
         }
         if self.cfg.train.measure_latency:  # what the student costs on a CPU, batch 1 (median ms)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from mimkd.errors import MethodError
 
 from .bounds import crd_nce_loss, infonce_loss
-from .memory import ClassAwareNegativeSampler, MemoryBank
+from .memory import ClassAwareNegativeSampler, MemoryBank, mean_over_ranks
 
 __all__ = ["BankContrast"]
 
@@ -85,8 +85,8 @@ class BankContrast(nn.Module):
             loss = infonce_loss(logits[:, 0], logits[:, 1:])
             return loss, math.log(logits.shape[1]) - loss.detach()
         prob = torch.exp(logits)
-        if float(z_const) < 0:  # first call: fix Z = mean(exp(score))·N, as CRD does
-            z_const.fill_(float(prob.detach().mean()) * self.num_samples)
+        if float(z_const) < 0:  # first call: fix Z = mean(exp(score))·N, as CRD does (global batch mean)
+            z_const.fill_(float(mean_over_ranks(prob.detach().mean(), z.shape[0])) * self.num_samples)
         prob = prob / z_const
         loss = crd_nce_loss(prob[:, 0], prob[:, 1:], self.num_samples)
         return loss, -loss.detach()

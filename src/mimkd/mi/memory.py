@@ -33,6 +33,7 @@ __all__ = [
     "ClassAwareNegativeSampler",
     "MemoryBank",
     "gather_from_all_ranks",
+    "mean_over_ranks",
 ]
 
 FULL_MATRIX_RATIO = 1.25
@@ -73,6 +74,19 @@ def gather_from_all_ranks(idx: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     dist.all_gather(counts, count)
     sizes = [int(c.item()) for c in counts]
     return _all_gather_rows(idx, sizes), _all_gather_rows(z, sizes)
+
+
+def mean_over_ranks(x: Tensor, count: int) -> Tensor:
+    """The mean of a per-rank mean ``x`` (of ``count`` samples) over all ranks' samples; ``x`` when single.
+
+    Used for statistics a method fixes from its first batch (CRD's ``Z``), so that an N-process run fixes
+    the value a 1-process run with the whole global batch would.
+    """
+    if _distributed_world() == 1:
+        return x
+    pair = torch.stack([x.detach().double() * count, torch.tensor(float(count), device=x.device).double()])
+    dist.all_reduce(pair)
+    return (pair[0] / pair[1]).to(x.dtype)
 
 
 TOPK_DRAW_RATIO = 0.85
@@ -221,6 +235,12 @@ class ClassAwareNegativeSampler:
 
     Sampling runs on the generator's device when a generator is given (e.g. a seeded CPU generator for
     reproducibility), otherwise on the labels' device; the result is returned on the labels' device.
+
+    Under ``torch.distributed`` (world size > 1) :meth:`sample` gathers every rank's anchors, draws the
+    negatives of the whole global batch and returns this rank's rows. With the same RNG state on every rank
+    (the trainer seeds all ranks alike and every rank consumes the same draws) all ranks draw the same
+    numbers, so each anchor gets the negatives it would get in a 1-process run with the global batch, and
+    the ranks' choices are consistent with each other. The cost is sampling ``world_size`` times more rows.
     """
 
     def __init__(self, labels: Tensor, num_negatives: int, method: str = "auto") -> None:
@@ -287,11 +307,27 @@ class ClassAwareNegativeSampler:
             self._tables[device] = tuple(t.to(device) for t in self._cpu_tables)
         return self._tables[device]
 
-    def sample(self, index: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``(B, K+1)`` LongTensor: column 0 = ``index``, columns 1..K = negatives of other classes."""
+    def sample(
+        self, index: Tensor, generator: torch.Generator | None = None, *, across_ranks: bool | None = None
+    ) -> Tensor:
+        """``(B, K+1)`` LongTensor: column 0 = ``index``, columns 1..K = negatives of other classes.
+
+        ``across_ranks`` (default: whenever a process group of several ranks is initialised) draws for the
+        global batch and returns this rank's rows (class docstring); every rank must then call it together.
+        """
         name = f"{type(self).__name__}.sample"
         if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point():
             raise MethodError(f"{name}: index must be a 1-D integer tensor of dataset indices")
+        if across_ranks is None:
+            across_ranks = _distributed_world() > 1
+        if across_ranks and _distributed_world() > 1:
+            count = torch.tensor([index.numel()], dtype=torch.long, device=index.device)
+            counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
+            dist.all_gather(counts, count)
+            sizes = [int(c.item()) for c in counts]
+            every = _all_gather_rows(index.long(), sizes)
+            start = sum(sizes[: dist.get_rank()])
+            return self.sample(every, generator, across_ranks=False)[start : start + index.numel()]
         n = self.labels.numel()
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise MethodError(f"{name}: index values must lie in [0, {n}) (the dataset size given by labels)")
