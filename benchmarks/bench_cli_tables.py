@@ -17,8 +17,9 @@ Threads: the resnet table uses both cores (2 threads, as ``results/speed_baselin
 thread, as the demo runs its students (one thread per run, as many runs in parallel as cores) and because a
 2-thread step of this 28k-parameter student on a shared machine swings 10x (65 ms or 650 ms per step, the
 second thread of each of its hundreds of small parallel regions waiting for a time slice). The load
-average at start and end is in each table's header; the demo rows are measured in 3 rounds, the fastest
-kept. The resnet table takes about 25 minutes at a load average of 5 (about 8 on an idle machine).
+average at start and end is in each table's header. Rows are measured round-robin in several rounds (3 for
+the demo, 2 for resnet), the fastest round kept, so that a job starting midway slows one round and not the
+table. The resnet table takes about 16 minutes on an idle machine (two rounds), the demo table 4.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 TABLES: dict[str, list[str]] = {
     "resnet": [
         "--teacher", "resnet32x4", "--student", "resnet8x4", "--data", "cifar100", "--methods", "all",
-        "--batch-size", "64", "--steps", "5", "--warmup", "2", "--row-seconds", "15",
+        "--batch-size", "64", "--steps", "5", "--warmup", "2", "--row-seconds", "15", "--rounds", "2",
         "--device", "cpu", "--threads", "2", "--out", "results/bench_cpu_resnet32x4_resnet8x4",
     ],
     "demo": [

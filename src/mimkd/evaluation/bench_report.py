@@ -131,6 +131,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         if not cuda and h.get("cpu_count") and peak_load > h["cpu_count"] + 0.5
         else ""
     )
+    plural = "s" if h["threads"] != 1 else ""
     n_rounds = h.get("rounds", 1)
     rounds_text = (
         f"; every row measured in {n_rounds} rounds (round-robin), the fastest round reported"
@@ -145,7 +146,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Input {c[0]}×{c[1]}×{c[2]} (synthetic, on the device), {s['num_classes']} classes, training-set "
         f"size N = {s['num_train']:,} (memory banks, labels); {layout}; "
         f"{s.get('precision', 'fp32')}{', torch.compile' if s.get('compile') else ''}. "
-        f"torch {h['torch']}, {h['device_name']}, {h['threads']} threads of {h['cpu_count']} CPUs, "
+        f"torch {h['torch']}, {h['device_name']}, {h['threads']} thread{plural} of {h['cpu_count']} CPUs, "
         f"allocator {h['allocator']}. Median over up to {s['steps']} timed steps after {s['warmup']} warm-up "
         f"steps per row{rounds_text}. Method options: {opts}.",
         "",
