@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -155,25 +154,21 @@ def test_row_subprocess_reports_errors_as_a_row(monkeypatch, capsys):
     assert bad["row"] == STUDENT_ROW and "no_such_model" in bad["error"]
 
 
-def test_cli_parser_writes_both_files(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="mimkd")
-    bench.register_cli(parser.add_subparsers(dest="command", required=True))
+def test_mimkd_bench_command_writes_both_files(tmp_path, capsys):
+    from mimkd.cli import main
+
     out = tmp_path / "b"
-    a = parser.parse_args(
-        ["bench", "--teacher", "cnn_teacher", "--student", "conv4mp_w32", "--input-shape", "1x28x28"]
-        + ["--num-classes", "10", "--num-train", "64", "--methods", "kd", "--batch-size", "4"]
-        + ["--steps", "1", "--warmup", "1", "--device", "cpu", "--no-isolate", "--out", str(out)]
-        + ["--ceiling-size", "256"]
-    )
-    assert a.fn(a) == 0
+    argv = ["bench", "--teacher", "cnn_teacher", "--student", "conv4mp_w32", "--input-shape", "1x28x28"]
+    argv += ["--num-classes", "10", "--num-train", "64", "--methods", "kd", "--batch-size", "4"]
+    argv += ["--steps", "1", "--warmup", "1", "--device", "cpu", "--no-isolate", "--out", str(out)]
+    argv += ["--ceiling-size", "256"]
+    assert main(argv) == 0
     assert "| kd |" in capsys.readouterr().out
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["setup"]["input_shape"] == [1, 28, 28] and data["setup"]["num_train"] == 64
-    a = parser.parse_args(
-        ["bench", "--teacher", "t", "--student", "s", "--methods", "kdd", "--device", "cpu"]
-    )
-    with pytest.raises(MethodError, match="Valid methods"):
-        a.fn(a)
+    assert (tmp_path / "b.md").read_text().count("| kd |") == 1
+    assert main(["bench", "--teacher", "t", "--student", "s", "--methods", "kdd", "--device", "cpu"]) == 2
+    assert "Valid methods" in capsys.readouterr().err
 
 
 def test_max_batch_search_doubles_until_it_does_not_fit():

@@ -134,6 +134,10 @@ def _pct(x: Any) -> str:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    from mimkd.engine.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun every rank returns the summary: print it once
+        return
     last, best = s.get("last") or {}, s.get("best") or {}
     lines = [f"method {s.get('method')}  student {s.get('student')}  data {s.get('data')}"]
     if s.get("teacher_test_top1") is not None:
@@ -347,11 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     m.set_defaults(fn=cmd_demo)
 
+    from mimkd.evaluation.bench import register_cli as add_bench_command
     from mimkd.evaluation.probe import register_cli as add_probe_command
     from mimkd.experiments.cli import register_cli as add_study_commands
 
     add_study_commands(sub)
     add_probe_command(sub)
+    add_bench_command(sub)
 
     for name, help_ in (
         ("models", "list zoo models"),
@@ -381,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``mimkd`` console command (and ``python -m mimkd``): tcmalloc if available, then :func:`main`."""
+    """The ``mimkd`` console command (and ``python -m mimkd``): tcmalloc if available, then :func:`main`.
+
+    OpenMP threads wait passively unless the environment says otherwise (set here, before torch loads: the
+    console script does not go through ``__main__``); see :mod:`mimkd.__main__`.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from mimkd.allocator import reexec_with_tcmalloc
 
     reexec_with_tcmalloc(["-m", "mimkd", *sys.argv[1:]])
