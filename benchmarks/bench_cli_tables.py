@@ -2,9 +2,8 @@
 
     python benchmarks/bench_cli_tables.py [resnet|demo ...]
 
-Each table is exactly the ``mimkd bench`` command line printed before it runs (the subcommand is built
-with :func:`mimkd.evaluation.bench.register_cli`, so this script works whether or not ``mimkd`` has wired
-it in):
+Each table is exactly the ``mimkd bench`` command line printed before it runs (run through
+:func:`mimkd.cli.main`, as the ``mimkd`` command does):
 
 * ``results/bench_cpu_resnet32x4_resnet8x4.{md,json}``: resnet32x4 → resnet8x4, CIFAR-100 shape, batch 64,
   the student step, the teacher forward and every method with its default options.
@@ -24,7 +23,6 @@ table. The resnet table takes about 16 minutes on an idle machine (two rounds), 
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
@@ -48,19 +46,18 @@ def main() -> int:
     from mimkd.allocator import reexec_with_tcmalloc
 
     reexec_with_tcmalloc([__file__, *sys.argv[1:]])  # as the mimkd command does (see mimkd.allocator)
-    from mimkd.evaluation.bench import register_cli
+    from mimkd.cli import main as mimkd_main
 
     which = sys.argv[1:] or list(TABLES)
     unknown = [w for w in which if w not in TABLES]
     if unknown:
         sys.exit(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}")
-    parser = argparse.ArgumentParser(prog="mimkd")
-    register_cli(parser.add_subparsers(dest="command", required=True))
     for name in which:
         argv = ["bench", *TABLES[name]]
         print("$ mimkd " + shlex.join(argv), flush=True)
-        args = parser.parse_args(argv)
-        args.fn(args)
+        rc = mimkd_main(argv)
+        if rc:
+            return rc
     return 0
 
 

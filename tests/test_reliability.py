@@ -164,3 +164,20 @@ def test_full_disk_is_refused_before_training(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "not enough free disk space" in p.stderr and "MiB needed" in p.stderr, p.stderr
     assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_any_non_checkpoint_file_is_a_checkpoint_error(tmp_path):
+    """Random bytes make torch's unpickler fail in many ways (IndexError, KeyError, UnicodeDecodeError as well
+    as UnpicklingError): every one must reach the user as a CheckpointError naming the file."""
+    from mimkd.errors import CheckpointError
+
+    rng = random.Random(0)
+    kinds = set()
+    for i in range(60):
+        payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        path = tmp_path / f"junk{i}.pt"
+        path.write_bytes(b"\x80\x02" + payload if i % 3 == 0 else payload)
+        with pytest.raises(CheckpointError, match=f"junk{i}.pt") as info:
+            load_checkpoint(path)
+        kinds.add(str(info.value).rsplit("(", 1)[-1][:12])
+    assert len(kinds) > 1  # several different unpickler failures were exercised

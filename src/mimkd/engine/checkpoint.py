@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +73,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 return load_checkpoint(p / name, map_location)
         raise CheckpointError(f"{str(p)!r} is a directory without last.pt or best.pt")
     try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        with warnings.catch_warnings():  # garbage read as a pickle warns of an odd protocol first
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # a non-PyTorch file fails anywhere in the unpickler (IndexError, KeyError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"cannot read checkpoint {str(p)!r}: it is truncated, corrupt or not a PyTorch file "
