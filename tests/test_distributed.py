@@ -348,6 +348,7 @@ def test_torchrun_distill_end_to_end_rank_0_writes(teacher, tmp_path):
     ]
     assert torch.load(run / "last.pt", weights_only=True)["world_size"] == 2
     assert "Traceback" not in err
+    assert out.count("last epoch 1: top-1") == 1  # the summary is printed by rank 0 only
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -165,9 +166,10 @@ def process_device(requested: str, info: DistInfo) -> torch.device:
 def session(requested_device: str) -> Iterator[tuple[DistInfo, torch.device]]:
     """Initialise the process group when torchrun started several processes; yield (layout, device).
 
-    NCCL on CUDA, gloo on a CPU. On normal exit every rank meets at a barrier before the group is destroyed
-    (see the module docstring); on an error the group is destroyed without waiting for the others (torchrun
-    stops the remaining workers).
+    NCCL on CUDA, gloo on a CPU. Python warnings are shown by rank 0 only (every rank builds the same run,
+    so the others would repeat them). On normal exit every rank meets at a barrier before the group is
+    destroyed (see the module docstring); on an error the group is destroyed without waiting for the others
+    (torchrun stops the remaining workers).
     """
     info = env_info()
     device = process_device(requested_device, info)
@@ -184,7 +186,10 @@ def session(requested_device: str) -> Iterator[tuple[DistInfo, torch.device]]:
     dist.init_process_group(**kwargs)
     ok = False
     try:
-        yield DistInfo(info.rank, info.world_size, info.local_rank, backend), device
+        with warnings.catch_warnings():
+            if not info.is_main:  # every rank builds the same run: its warnings are rank 0's, shown once
+                warnings.simplefilter("ignore")
+            yield DistInfo(info.rank, info.world_size, info.local_rank, backend), device
         ok = True
     finally:
         if ok:
