@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -167,6 +168,8 @@ def test_mimkd_bench_command_writes_both_files(tmp_path, capsys):
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["setup"]["input_shape"] == [1, 28, 28] and data["setup"]["num_train"] == 64
     assert (tmp_path / "b.md").read_text().count("| kd |") == 1
+    omp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    assert data["header"]["openmp"] == omp and ", OpenMP " in (tmp_path / "b.md").read_text()
     assert main(["bench", "--teacher", "t", "--student", "s", "--methods", "kdd", "--device", "cpu"]) == 2
     assert "Valid methods" in capsys.readouterr().err
 

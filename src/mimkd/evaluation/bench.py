@@ -207,7 +207,7 @@ def matmul_ceiling(
 
 
 def _environment(dev: torch.device) -> dict[str, Any]:
-    """torch version, device name and allocator, for the report's header."""
+    """torch version, device name, allocator and OpenMP wait settings, for the report's header."""
     import platform
 
     if dev.type == "cuda":
@@ -222,7 +222,14 @@ def _environment(dev: torch.device) -> dict[str, Any]:
         except OSError:
             pass
     alloc = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
-    return {"torch": torch.__version__, "device_name": name, "allocator": alloc, "cpu_count": os.cpu_count()}
+    omp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    return {
+        "torch": torch.__version__,
+        "device_name": name,
+        "allocator": alloc,
+        "cpu_count": os.cpu_count(),
+        "openmp": omp,
+    }
 
 
 def is_oom(e: BaseException) -> bool:

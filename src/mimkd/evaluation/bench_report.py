@@ -112,6 +112,14 @@ def _num(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _openmp_text(header: dict[str, Any]) -> str:
+    """The OpenMP wait settings of the run (absent from tables written before they were recorded)."""
+    if "openmp" not in header:
+        return ""
+    omp = ", ".join(f"{k}={v}" for k, v in header["openmp"].items())
+    return f", OpenMP {omp or 'wait policy: libgomp default'}"
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     """The report as a markdown document (title, conditions, table, notes)."""
     s, h, proj = report["setup"], report["header"], report["projection"]
@@ -147,8 +155,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"size N = {s['num_train']:,} (memory banks, labels); {layout}; "
         f"{s.get('precision', 'fp32')}{', torch.compile' if s.get('compile') else ''}. "
         f"torch {h['torch']}, {h['device_name']}, {h['threads']} thread{plural} of {h['cpu_count']} CPUs, "
-        f"allocator {h['allocator']}. Median over up to {s['steps']} timed steps after {s['warmup']} warm-up "
-        f"steps per row{rounds_text}. Method options: {opts}.",
+        f"allocator {h['allocator']}{_openmp_text(h)}. Median over up to {s['steps']} timed steps after "
+        f"{s['warmup']} warm-up steps per row{rounds_text}. Method options: {opts}.",
         "",
         f"Load average (1/5/15 min): {load(h['load_avg_start'])} at start, {load(h['load_avg_end'])} at end "
         "(other jobs on this machine slow every row alike only if the load stays steady)." + busy,
