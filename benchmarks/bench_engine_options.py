@@ -39,11 +39,17 @@ sys.path.insert(0, str(ROOT / "src"))
 from mimkd.allocator import reexec_with_tcmalloc  # noqa: E402
 
 if __name__ == "__main__":
-    # as `python -m mimkd` does (src/mimkd/__main__.py); --omp-wait-policy ACTIVE measures libgomp's default
+    # as `python -m mimkd` does (src/mimkd/__main__.py); --omp-wait-policy ACTIVE/PASSIVE/default (libgomp's
+    # own policy: spin a while, then sleep) measures the others
     for k, arg in enumerate(sys.argv):
         if arg == "--omp-wait-policy" and k + 1 < len(sys.argv):
+            if sys.argv[k + 1] == "default":
+                os.environ.pop("OMP_WAIT_POLICY", None)
+                break
             os.environ["OMP_WAIT_POLICY"] = sys.argv[k + 1]
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    else:
+        if "GOMP_SPINCOUNT" not in os.environ:
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     reexec_with_tcmalloc([str(Path(__file__).resolve()), *sys.argv[1:]])
 
 import torch  # noqa: E402
@@ -214,8 +220,8 @@ def markdown(res: dict) -> str:
     lines = [
         "# Engine options on a CPU: images/s of the trainer's training step",
         "",
-        f"Measured by `benchmarks/bench_engine_options.py` on {m['cpu']} ({m['cores']} cores, shared with "
-        f"other jobs), torch {m['torch']}, allocator {m['allocator']}, OMP_WAIT_POLICY "
+        f"Measured by `benchmarks/bench_engine_options.py` on {m['cpu']} ({m['cores']} cores), torch "
+        f"{m['torch']}, allocator {m['allocator']}, OMP_WAIT_POLICY "
         f"{m.get('omp_wait_policy')}, batch {res['batch']}. Each variant "
         "changes one setting of the baseline (fp32, channels_last, 2 threads, eager, non-finite flag read "
         "each step); "
@@ -255,82 +261,126 @@ def markdown(res: dict) -> str:
 
 
 DECISIONS = [
-    "`OMP_WAIT_POLICY=PASSIVE`, set by `python -m mimkd` when the environment sets none: libgomp's default "
-    "spinning wait made the 2-thread demo_kd step 4-10x slower on this shared 2-core machine (wait-policy "
-    "table; a first run of the whole grid with spinning threads was 10-16x slower at 2 threads than at 1 in "
-    "the demo cases), while passive waiting at 2 threads matched or beat 1 thread. Not measurable here: an "
-    "idle machine, where spinning may win a little; `OMP_WAIT_POLICY=ACTIVE` restores it.",
-    "`train.channels_last=true` (unchanged default): NHWC was faster in every case (demo kd 1.7x, mimkd "
-    "1.2x, resnet pair 1.3x).",
+    "`OMP_WAIT_POLICY=PASSIVE`, set by the `mimkd` command when the environment sets neither "
+    "`OMP_WAIT_POLICY` nor `GOMP_SPINCOUNT`: a robustness choice, measured in the wait-policy table. On the "
+    "idle machine libgomp's default (spin 3 ms, then sleep) is faster at 2 threads: demo kd 1.47x, resnet "
+    "pair 1.1x over PASSIVE. With one other busy process on the 2 cores it is slower: demo kd 2.7x, resnet "
+    "pair 1.3x below PASSIVE (whose 2-thread step then equals the 1-thread step; an earlier grid under a "
+    "load average of 5 saw spinning 2-thread steps 10-16x slower than 1 thread). PASSIVE has the best worst "
+    "case (0.68 of the best setting; default 0.37, spin 10k 0.48, ACTIVE 0.74) and the best geometric mean "
+    "over the four situations. Research machines running many seeds side by side are the shared case; on "
+    "an idle machine `GOMP_SPINCOUNT=300000` restores libgomp's default.",
+    "`train.channels_last=true` (unchanged default): NHWC was faster or equal (demo kd 1.57x, resnet pair "
+    "1.18x; demo mimkd 0.93x, within its noise).",
     "`train.precision=fp32` on a CPU: this CPU has AVX2 but no bf16 arithmetic (no AVX512-BF16/AMX); bf16 "
-    "autocast was 7-14x slower. Accuracy did not drop: bf16 minus fp32 top-1 was -0.69 and +0.93 on two "
-    "seeds (fp32 seeds differ by 0.33), i.e. within noise (kd's loss is computed in float32 under autocast, "
-    "as CUDA's autocast policy would; before that change the bf16 KD term was off by up to 30%).",
-    "`train.compile=false`: it works here (gcc present; same losses) but was not faster: demo kd 0.74x, and "
+    "autocast was 6-14x slower (0.16x, 0.07x, 0.11x). Accuracy did not drop: bf16 minus fp32 top-1 was "
+    "-0.69, +0.93 and -0.35 on three seeds (mean -0.04; the fp32 seeds themselves span 0.94), i.e. within "
+    "noise (kd's loss is computed in float32 under autocast, as CUDA's autocast policy would; before that "
+    "change the bf16 KD term was off by up to 30%).",
+    "`train.compile=false`: it works here (gcc present; same losses) but was not faster: demo kd 0.76x, and "
     "for MIMKD nothing is compiled in practice (its networks carry feature taps and stay eager, its critics "
-    "are called through methods other than forward), so its 1.32x row is this machine's noise (mimkd rows "
+    "are called through methods other than forward), so its 1.15x row is this machine's noise (mimkd rows "
     "vary by about +-30% between rounds). A cold compile of the demo kd pair took about 90 s before the "
     "first step (the warm-up column shows a warm cache).",
-    "`threads`: left to torch (all cores): with passive waiting 1 thread was within noise of 2 under this "
-    "load (0.93x, 1.22x, 0.98x); `--threads` sets it.",
-    "`train.nonfinite_check=auto`: `step` on a CPU (deferred was within noise: 0.91x, 1.30x, 1.02x, so the "
+    "`threads`: left to torch (all cores): 2 threads beat 1 on the resnet pair (1.54x); on the tiny demo "
+    "student 1 thread is as fast (1.02x kd, 1.35x mimkd), which is why the demo and sweeps run one thread "
+    "per run and as many runs as cores; `--threads` sets it.",
+    "`train.nonfinite_check=auto`: `step` on a CPU (deferred was within noise: 0.82x, 1.20x, 1.03x, so the "
     "simpler semantics stay), `deferred` on CUDA, where reading the flag would stall the device queue.",
-    "teacher: stays under `torch.no_grad`: inference_mode measured the same (within 1-30% either way: "
-    "noise), and several methods feed teacher features to layers that save them for the backward, which "
-    "inference tensors refuse.",
+    "teacher: stays under `torch.no_grad`: inference_mode measured the same (26.9 vs 24.1 ms, 14.6 vs "
+    "16.3 ms, 1202 vs 1221 ms: noise), and several methods feed teacher features to layers that save them "
+    "for the backward, which inference tensors refuse.",
 ]
 
 
-def wait_policies(rounds: int, steps: int) -> dict:
-    """demo_kd baseline (2 threads) and threads1 under OpenMP's ACTIVE (spinning) and PASSIVE wait policies,
-    each in its own process (the policy is read when the OpenMP runtime loads)."""
+#: OpenMP settings compared by ``--wait-policy``: libgomp's default spins up to GOMP_SPINCOUNT (300,000)
+#: iterations before sleeping, ACTIVE spins forever, PASSIVE sleeps at once.
+WAIT_POLICIES: dict[str, dict[str, str]] = {
+    "default": {},
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin 10k": {"GOMP_SPINCOUNT": "10000"},
+}
+
+
+def _busy_process() -> subprocess.Popen:
+    """Another job on the machine: one process keeping one core busy."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def wait_policies(rounds: int, steps: int, cases: list[str]) -> dict:
+    """The baseline (2 threads) and threads1 of each case under each OpenMP setting of ``WAIT_POLICIES``, each
+    in its own process (the settings are read when the OpenMP runtime loads), on the idle machine and with one
+    competing busy process; every setting twice, interleaved."""
     import tempfile
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for policy in ("ACTIVE", "PASSIVE", "ACTIVE", "PASSIVE"):  # twice each, alternating
-            base = Path(tmp) / policy.lower()
-            cmd = [
-                sys.executable, str(Path(__file__).resolve()), "--cases", "demo_kd", "--variants",
-                "baseline,threads1", "--rounds", str(rounds), "--steps", str(steps), "--out", str(base),
-                "--omp-wait-policy", policy,
-            ]  # fmt: skip
-            env = {
-                k: v
-                for k, v in os.environ.items()
-                if k not in ("OMP_WAIT_POLICY", "_MIMKD_REEXEC", "LD_PRELOAD")
-            }
-            subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            case = json.loads(base.with_suffix(".json").read_text())["cases"][0]
-            for r in case["rows"]:
-                rows.append(
-                    {
-                        "policy": policy,
-                        "threads": r["settings"]["threads"],
-                        "img_per_s_median": r["img_per_s_median"],
-                        "ms_per_step_median": r["ms_per_step_median"],
-                        "load": case["load_before"][0],
-                    }
-                )
-            print(f"  wait policy {policy}: done", flush=True)
-    return {"case": "demo_kd", "rounds": rounds, "steps": steps, "rows": rows}
+        for case_name in cases:
+            for load in ("idle", "1 busy process"):
+                for repeat in range(2):
+                    for policy, extra in WAIT_POLICIES.items():
+                        base = Path(tmp) / f"{case_name}_{repeat}_{len(rows)}"
+                        cmd = [
+                            sys.executable, str(Path(__file__).resolve()), "--cases", case_name, "--variants",
+                            "baseline,threads1", "--rounds", str(rounds), "--steps", str(steps), "--out",
+                            str(base), "--omp-wait-policy", extra.get("OMP_WAIT_POLICY", "default"),
+                        ]  # fmt: skip
+                        env = {
+                            k: v
+                            for k, v in os.environ.items()
+                            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "_MIMKD_REEXEC", "LD_PRELOAD")
+                        }
+                        env.update(extra)
+                        busy = _busy_process() if load != "idle" else None
+                        try:
+                            subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                        finally:
+                            if busy is not None:
+                                busy.kill()
+                                busy.wait()
+                        case = json.loads(base.with_suffix(".json").read_text())["cases"][0]
+                        for r in case["rows"]:
+                            rows.append(
+                                {
+                                    "case": case_name,
+                                    "load": load,
+                                    "policy": policy,
+                                    "threads": r["settings"]["threads"],
+                                    "img_per_s_median": r["img_per_s_median"],
+                                    "ms_per_step_median": r["ms_per_step_median"],
+                                    "load_avg": case["load_before"][0],
+                                }
+                            )
+                        print(f"  {case_name} / {load} / {policy}: done", flush=True)
+    return {"cases": cases, "rounds": rounds, "steps": steps, "rows": rows}
 
 
 def wait_policy_markdown(wp: dict) -> list[str]:
+    if "cases" not in wp:  # the first, smaller comparison (ACTIVE vs PASSIVE on demo_kd)
+        return []
+    policies = list(WAIT_POLICIES)
     lines = [
-        "## OpenMP wait policy (demo_kd)",
+        "## OpenMP wait policy",
         "",
-        "Each policy in its own process, twice, alternating (`OMP_WAIT_POLICY`; libgomp spins by default). "
-        "`python -m mimkd` sets PASSIVE unless the environment sets a policy.",
+        "Median img/s of the baseline step (2 threads; 1 thread in brackets), each setting in its own "
+        "process, twice, interleaved (the two values), on the idle machine and with one other process "
+        "keeping a core busy (a shared machine). `default` = libgomp's own (spin up to 300,000 "
+        "iterations, then sleep), `ACTIVE` = spin forever, `PASSIVE` = sleep at once, `spin 10k` = "
+        "`GOMP_SPINCOUNT=10000`.",
         "",
-        "| policy | threads | img/s (median) | ms/step | load before |",
-        "|---|---|---|---|---|",
+        "| case | machine | " + " | ".join(policies) + " |",
+        "|---|---|" + "---|" * len(policies),
     ]
-    for r in wp["rows"]:
-        lines.append(
-            f"| {r['policy']} | {r['threads']} | {r['img_per_s_median']:.0f} | "
-            f"{r['ms_per_step_median']:.0f} | {r['load']:.2f} |"
-        )
+    for case in wp["cases"]:
+        for load in ("idle", "1 busy process"):
+            cells = []
+            for policy in policies:
+                sel = [r for r in wp["rows"] if (r["case"], r["load"], r["policy"]) == (case, load, policy)]
+                two = [f"{r['img_per_s_median']:.0f}" for r in sel if r["threads"] == 2]
+                one = [f"{r['img_per_s_median']:.0f}" for r in sel if r["threads"] == 1]
+                cells.append(f"{' / '.join(two)} ({' / '.join(one)})")
+            lines.append(f"| {case} | {load} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -396,7 +446,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "results" / "engine_options_cpu"))
-    ap.add_argument("--omp-wait-policy", default=None, help="PASSIVE (default, as mimkd) or ACTIVE")
+    ap.add_argument(
+        "--omp-wait-policy", default=None, help="PASSIVE (as mimkd, the default here), ACTIVE or default"
+    )
     ap.add_argument(
         "--wait-policy", action="store_true", help="compare OpenMP wait policies instead (adds its section)"
     )
@@ -416,7 +468,7 @@ def main() -> None:
         return
     if a.wait_policy:
         res = json.loads(out.with_suffix(".json").read_text())
-        res["wait_policy"] = wait_policies(a.rounds, a.steps)
+        res["wait_policy"] = wait_policies(a.rounds, a.steps, a.cases.split(","))
         out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown(res))
         print(markdown(res))

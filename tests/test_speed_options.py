@@ -264,3 +264,18 @@ def test_a_broken_compiler_is_one_clear_line(tmp_path):
     )  # fmt: skip
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "train.compile: torch.compile failed" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "300000"}, None)],
+)
+def test_openmp_wait_policy_is_passive_unless_the_environment_chooses(monkeypatch, env, expected):
+    from mimkd.cli import set_openmp_wait_policy
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    set_openmp_wait_policy()
+    assert os.environ.get("OMP_WAIT_POLICY") == expected
