@@ -44,7 +44,9 @@ TABLES: dict[str, list[str]] = {
 
 def main() -> int:
     from mimkd.allocator import reexec_with_tcmalloc
+    from mimkd.cli import set_openmp_wait_policy
 
+    set_openmp_wait_policy()  # as the mimkd command does, before torch loads
     reexec_with_tcmalloc([__file__, *sys.argv[1:]])  # as the mimkd command does (see mimkd.allocator)
     from mimkd.cli import main as mimkd_main
 
