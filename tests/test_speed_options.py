@@ -177,7 +177,7 @@ def test_deferred_check_through_the_cli_stops_naming_the_term(tmp_path):
 # --------------------------------------------------------------------------------------- data placement
 def test_batches_built_on_another_storage_device_are_the_same(fmnist):
     from mimkd.data import BatchIterator, dataset_spec
-    from mimkd.engine.trainer import storage_device
+    from mimkd.data.loader import storage_device
 
     aug = dataset_spec("fashion_mnist").augment(fmnist.mean, fmnist.std, 28, flip=True)
     a = BatchIterator(fmnist, 16, seed=3, augment=aug)
@@ -191,7 +191,7 @@ def test_batches_built_on_another_storage_device_are_the_same(fmnist):
 @needs_cuda
 def test_cuda_dataset_on_the_gpu_gives_the_cpu_batches(fmnist):
     from mimkd.data import BatchIterator, dataset_spec
-    from mimkd.engine.trainer import storage_device
+    from mimkd.data.loader import storage_device
 
     dev = torch.device("cuda")
     aug = dataset_spec("fashion_mnist").augment(fmnist.mean, fmnist.std, 28, flip=True)

@@ -27,7 +27,7 @@ from mimkd.data.augment import BatchAugment, normalize, to_device
 from mimkd.data.dataset import ImageDataset
 from mimkd.errors import DataError
 
-__all__ = ["Batch", "BatchIterator", "eval_batches", "mix_seed"]
+__all__ = ["Batch", "BatchIterator", "eval_batches", "mix_seed", "storage_device"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -204,3 +204,18 @@ def eval_batches(
         index = torch.arange(start, stop, device=ds.images.device)
         labels = ds.labels[start:stop] if with_labels else None
         yield Batch(normalize(ds.images[start:stop], ds.mean, ds.std), labels, index)
+
+
+def storage_device(setting: str | bool, dataset: ImageDataset, device: torch.device) -> torch.device:
+    """Where the training set's uint8 images live (``train.data_on_device``): the GPU or the CPU.
+
+    ``auto`` keeps them on the GPU when they take less than a quarter of its free memory. On a CPU device
+    there is nothing to choose.
+    """
+    if device.type != "cuda" or setting is True:
+        return device
+    if setting is False:
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    need = dataset.images.numel() * dataset.images.element_size()
+    return device if need < free // 4 else torch.device("cpu")

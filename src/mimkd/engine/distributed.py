@@ -52,12 +52,16 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from mimkd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mimkd.data import ImageDataset
 
 __all__ = [
     "DistInfo",
@@ -68,6 +72,7 @@ __all__ = [
     "broadcast_object",
     "current",
     "env_info",
+    "evaluate_sharded",
     "is_main_process",
     "session",
     "wrap",
@@ -294,3 +299,31 @@ def check_sync_bn(enabled: bool, device: torch.device, info: DistInfo) -> bool:
             "batch: drop --set train.sync_bn=true"
         )
     return True
+
+
+def evaluate_sharded(
+    net: torch.nn.Module,
+    dataset: ImageDataset,
+    batch_size: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, float]:
+    """:func:`~mimkd.evaluation.accuracy.evaluate` over ``dataset``, sharded over the ranks of a distributed
+    run (each rank its contiguous share; the counts summed), on every rank the same result."""
+    from mimkd.data import eval_batches
+    from mimkd.evaluation.accuracy import evaluate
+
+    info = current()
+    batches = eval_batches(dataset, batch_size, device, rank=info.rank, world_size=info.world_size)
+    res = evaluate(net, batches, memory_format)
+    if not info.enabled:
+        return res
+    n = len(dataset) * (info.rank + 1) // info.world_size - len(dataset) * info.rank // info.world_size
+    counts = torch.tensor(
+        [round(res["top1"] * n / 100.0), round(res["top5"] * n / 100.0), res["loss"] * n, n],
+        dtype=torch.float64,
+        device=device,
+    )
+    all_reduce_sum(counts)
+    c1, c5, loss, total = counts.tolist()
+    return {"top1": 100.0 * c1 / total, "top5": 100.0 * c5 / total, "loss": loss / total}

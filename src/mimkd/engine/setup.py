@@ -27,8 +27,8 @@ from mimkd.models import FeaturePoints, build_network
 
 from . import distributed
 from .checkpoint import load_checkpoint, load_weights
-from .distributed import DistInfo
-from .trainer import StudentInfo, Trainer, evaluate_sharded
+from .distributed import DistInfo, evaluate_sharded
+from .trainer import StudentInfo, Trainer
 
 __all__ = ["resolve_device", "build_network", "load_teacher", "load_data", "prepare", "run", "Prepared"]
 

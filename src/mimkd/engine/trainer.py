@@ -42,59 +42,21 @@ import torch
 
 from mimkd.config import RunConfig
 from mimkd.data import BatchIterator, ImageDataset, eval_batches
+from mimkd.data.loader import storage_device
 from mimkd.distillers.base import Distiller
 from mimkd.errors import CheckpointError, ConfigError, NonFiniteLossError
-from mimkd.evaluation.accuracy import evaluate, topk_correct
+from mimkd.evaluation.accuracy import topk_correct
 
 from . import distributed
 from .checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
-from .distributed import DistInfo
+from .distributed import DistInfo, evaluate_sharded
 from .init_stages import InitProgress, run_init_stages
 from .logging import LaggedScalars, Meter, MetricsLog, NullLog, progress_bar, write_json
 from .recipe import build_optimizer, lr_at, set_lr
 from .step import NonFiniteStatus, TrainStep, compile_distiller, resolve_check
+from .summary import build_summary
 
-__all__ = ["Trainer", "StudentInfo", "evaluate_sharded", "storage_device"]
-
-
-def storage_device(setting: str | bool, dataset: ImageDataset, device: torch.device) -> torch.device:
-    """Where the training set's uint8 images live (``train.data_on_device``): the GPU or the CPU.
-
-    ``auto`` keeps them on the GPU when they take less than a quarter of its free memory. On a CPU device
-    there is nothing to choose.
-    """
-    if device.type != "cuda" or setting is True:
-        return device
-    if setting is False:
-        return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
-    need = dataset.images.numel() * dataset.images.element_size()
-    return device if need < free // 4 else torch.device("cpu")
-
-
-def evaluate_sharded(
-    net: torch.nn.Module,
-    dataset: ImageDataset,
-    batch_size: int,
-    device: torch.device,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> dict[str, float]:
-    """:func:`~mimkd.evaluation.accuracy.evaluate` over ``dataset``, sharded over the ranks of a distributed
-    run (each rank its contiguous share; the counts summed), on every rank the same result."""
-    info = distributed.current()
-    batches = eval_batches(dataset, batch_size, device, rank=info.rank, world_size=info.world_size)
-    res = evaluate(net, batches, memory_format)
-    if not info.enabled:
-        return res
-    n = len(dataset) * (info.rank + 1) // info.world_size - len(dataset) * info.rank // info.world_size
-    counts = torch.tensor(
-        [round(res["top1"] * n / 100.0), round(res["top5"] * n / 100.0), res["loss"] * n, n],
-        dtype=torch.float64,
-        device=device,
-    )
-    distributed.all_reduce_sum(counts)
-    c1, c5, loss, total = counts.tolist()
-    return {"top1": 100.0 * c1 / total, "top5": 100.0 * c5 / total, "loss": loss / total}
+__all__ = ["Trainer", "StudentInfo"]
 
 
 @dataclass
@@ -485,63 +447,7 @@ class Trainer:
             distributed.barrier()
 
     def _write_summary(self, log: MetricsLog | NullLog) -> dict[str, Any]:
-        records = log.records()
-        last = next((r for r in reversed(records) if "test.top1" in r), {})
-        rates = [r["images_per_s"] for r in records if "images_per_s" in r]
-        summary = {
-            "status": "finished",
-            "method": self.distiller.name,
-            "student": self.student_info.arch,
-            "epochs": self.cfg.optim.epochs,
-            "last": {
-                "epoch": last.get("epoch"),
-                "top1": last.get("test.top1"),
-                "top5": last.get("test.top5"),
-            },
-            "best": self.best,
-            "wall_time_s": self.wall_before + (time.time() - self._t0),
-            "images_per_s": sum(rates) / len(rates) if rates else None,
-            "student_input_shape": list(self.train_set.image_shape),  # C, H, W (latency, export, probes)
-            "num_classes": self.student_info.num_classes,
-            "skipped_batches": self.skipped,
-            "speed": {
-                "precision": self.cfg.train.precision,
-                "compile": self.cfg.train.compile,
-                "channels_last": self.cfg.train.channels_last,
-                "nonfinite_check": self.check,
-                "data_on_device": self.storage == self.device,
-                "world_size": self.dist.world_size,
-                "global_batch": self.cfg.optim.batch_size * self.dist.world_size,
-                "lr_factor": self.lr_factor,
-            },
-            **self.extra_summary,
-        }
-        if self.cfg.train.measure_latency:  # what the student costs on a CPU, batch 1 (median ms)
-            from mimkd.evaluation.latency import latency_profile
-
-            prof = latency_profile(self.distiller.student, tuple(self.train_set.image_shape), runs=30)
-            summary["student_cpu_latency_ms"] = {k: v["median_ms"] for k, v in prof.items()}
-        nets = self.distiller.networks()
-        if len(nets) > 1:
-            summary["networks"] = {
-                name: {
-                    "arch": self.student_info.arch if i == 0 else self.distiller.network_arch(name),
-                    "params": sum(p.numel() for p in net.parameters()),
-                    "last": {
-                        "epoch": last.get("epoch"),
-                        "top1": last.get("test.top1" if i == 0 else f"test.{name}.top1"),
-                        "top5": last.get("test.top5" if i == 0 else f"test.{name}.top5"),
-                    },
-                    "best": self.best if i == 0 else self.best_networks.get(name),
-                }
-                for i, (name, net) in enumerate(nets.items())
-            }
-        if not self.evaluates:
-            summary["evaluation"] = (
-                "none: a label-free pre-training has no trained classifier; measure it with mimkd finetune"
-            )
-        chance = 100.0 / max(self.student_info.num_classes, 1)
-        summary["diverged"] = bool(last.get("test.top1") is not None and last["test.top1"] < 1.5 * chance)
+        summary = build_summary(self, log.records(), time.time() - self._t0)
         write_json(self.run_dir / "summary.json", summary)
         return summary
 

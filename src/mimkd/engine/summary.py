@@ -1,0 +1,77 @@
+"""The run summary (``summary.json``): what a finished run reports, built from the trainer and its records.
+
+Last AND best epoch accuracy (the papers report the last; the best is chosen on the test set), throughput,
+the speed settings the run used, the student's single-image CPU latency, every network of a cohort (DML,
+DCM), and whether the run diverged (last accuracy below 1.5× chance).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["build_summary"]
+
+
+def build_summary(t: Trainer, records: list[dict[str, Any]], session_seconds: float) -> dict[str, Any]:
+    """The summary of trainer ``t``'s finished run from its epoch ``records``; ``session_seconds``: the wall
+    time of this session (earlier sessions of a resumed run are in ``t.wall_before``)."""
+    last = next((r for r in reversed(records) if "test.top1" in r), {})
+    rates = [r["images_per_s"] for r in records if "images_per_s" in r]
+    summary = {
+        "status": "finished",
+        "method": t.distiller.name,
+        "student": t.student_info.arch,
+        "epochs": t.cfg.optim.epochs,
+        "last": {
+            "epoch": last.get("epoch"),
+            "top1": last.get("test.top1"),
+            "top5": last.get("test.top5"),
+        },
+        "best": t.best,
+        "wall_time_s": t.wall_before + session_seconds,
+        "images_per_s": sum(rates) / len(rates) if rates else None,
+        "student_input_shape": list(t.train_set.image_shape),  # C, H, W (latency, export, probes)
+        "num_classes": t.student_info.num_classes,
+        "skipped_batches": t.skipped,
+        "speed": {
+            "precision": t.cfg.train.precision,
+            "compile": t.cfg.train.compile,
+            "channels_last": t.cfg.train.channels_last,
+            "nonfinite_check": t.check,
+            "data_on_device": t.storage == t.device,
+            "world_size": t.dist.world_size,
+            "global_batch": t.cfg.optim.batch_size * t.dist.world_size,
+            "lr_factor": t.lr_factor,
+        },
+        **t.extra_summary,
+    }
+    if t.cfg.train.measure_latency:  # what the student costs on a CPU, batch 1 (median ms)
+        from mimkd.evaluation.latency import latency_profile
+
+        prof = latency_profile(t.distiller.student, tuple(t.train_set.image_shape), runs=30)
+        summary["student_cpu_latency_ms"] = {k: v["median_ms"] for k, v in prof.items()}
+    nets = t.distiller.networks()
+    if len(nets) > 1:
+        summary["networks"] = {
+            name: {
+                "arch": t.student_info.arch if i == 0 else t.distiller.network_arch(name),
+                "params": sum(p.numel() for p in net.parameters()),
+                "last": {
+                    "epoch": last.get("epoch"),
+                    "top1": last.get("test.top1" if i == 0 else f"test.{name}.top1"),
+                    "top5": last.get("test.top5" if i == 0 else f"test.{name}.top5"),
+                },
+                "best": t.best if i == 0 else t.best_networks.get(name),
+            }
+            for i, (name, net) in enumerate(nets.items())
+        }
+    if not t.evaluates:
+        summary["evaluation"] = (
+            "none: a label-free pre-training has no trained classifier; measure it with mimkd finetune"
+        )
+    chance = 100.0 / max(t.student_info.num_classes, 1)
+    summary["diverged"] = bool(last.get("test.top1") is not None and last["test.top1"] < 1.5 * chance)
+    return summary
