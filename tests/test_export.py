@@ -200,3 +200,24 @@ def test_moved_data_falls_back_to_random_batch(trained_run, tmp_path, capsys):
     cap = capsys.readouterr()
     assert "warning" in cap.err and "random batch" in cap.err
     assert "random 1x28x28 inputs" in cap.out
+
+
+def test_export_records_the_input_normalisation_a_deployer_needs(trained_run, tmp_path):
+    """The metadata's mean/std turn raw pixels into exactly the inputs the student was trained and tested
+    on; the checkpoint records them too, and the CLI prints them."""
+    pytest.importorskip("safetensors")
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "s.safetensors"
+    proc = run_cli("export", str(trained_run), "--format", "safetensors", "--out", str(out))
+    assert "input: 1×28×28, x = (pixels / 255 - mean) / std" in proc.stdout
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    shape, mean, std = (json.loads(meta[k]) for k in ("input_shape", "mean", "std"))
+    assert shape == [1, 28, 28]
+    assert load_checkpoint(trained_run / "best.pt")["input"]["mean"] == mean
+    raw = load_dataset("fashion_mnist", split="test").images[100:105].float() / 255
+    x = (raw - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    torch.testing.assert_close(x, _test_images(5))

@@ -154,6 +154,10 @@ def test_student_input_from_the_run_config(tmp_path):
         student_input_spec(tmp_path / "x.pt", {}, 1)
     with pytest.raises(DataError, match="3-channel images but mean has 2 values"):
         student_input_spec(tmp_path / "x.pt", {}, 3, image_size=8, mean=(0.1, 0.2), std=(1.0,))
+    # a checkpoint recording its input (current runs) needs neither the dataset nor its images
+    ck = {"input": {"shape": [1, 20, 20], "mean": [0.3], "std": [0.2], "data": "folder"}}
+    assert student_input_spec(tmp_path / "x.pt", ck, 1) == (20, (0.3,), (0.2,), None)
+    assert student_input_spec(tmp_path / "x.pt", ck, 1, std=(0.5,))[2] == (0.5,)  # an override still wins
 
 
 # -- real probes -----------------------------------------------------------------------------------

@@ -236,6 +236,15 @@ def cmd_export(a: argparse.Namespace) -> int:
         f"exported {r.checkpoint} ({r.arch}, {r.parameters:,} parameters, {r.num_classes} classes, "
         f"{r.in_channels} input channels)\n  -> {r.out} ({r.fmt}, {size / 1024:.1f} KiB)"
     )
+    if r.input is not None:
+        c, h, w = r.input["shape"]
+        mean, std = (", ".join(f"{x:.4f}" for x in r.input[k]) for k in ("mean", "std"))
+        print(
+            f"  input: {c}×{h}×{w}, x = (pixels / 255 - mean) / std per channel, mean ({mean}), std ({std}) "
+            "(also in the file's metadata)"
+        )
+    else:
+        print("  input: this checkpoint does not record its normalisation (written before mimkd recorded it)")
     for note in r.notes:
         print(f"  {note}")
     if r.max_abs_diff is not None:

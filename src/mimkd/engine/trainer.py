@@ -201,7 +201,14 @@ class Trainer:
             "init": self._init_state(),
             "wall_time": self.wall_before + (time.time() - self._t0),
             "config": self.cfg.model_dump(mode="json"),
+            "input": self.input_spec(),
         }
+
+    def input_spec(self) -> dict[str, Any]:
+        """What the student's input must be: ``shape`` (C, H, W) and the normalisation it was trained with
+        (``x = (pixels / 255 - mean) / std`` per channel); recorded in every checkpoint (export, probes)."""
+        ds = self.train_set
+        return {"shape": list(ds.image_shape), "mean": list(ds.mean), "std": list(ds.std), "data": ds.name}
 
     def _init_state(self) -> dict[str, Any]:
         if self.init_optimizer is not None:
@@ -427,6 +434,7 @@ class Trainer:
             "epoch": self.epoch,
             "best": dict(self.best_networks[name]),
             "config": self.cfg.model_dump(mode="json"),
+            "input": self.input_spec(),
         }
 
     def evaluate(self, net: torch.nn.Module | None = None) -> dict[str, float]:

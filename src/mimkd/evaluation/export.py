@@ -10,6 +10,11 @@ compared with the PyTorch student's; a mismatch is an :class:`ExportError`.
 Formats:
 
 * ``safetensors``: the state dict, with ``arch``/``num_classes``/``in_channels`` as string metadata;
+
+Every format carries the same metadata (safetensors header, ONNX ``metadata_props``, a TorchScript extra
+file ``mimkd.json``), including the student's input ``input_shape``, ``mean`` and ``std`` (JSON lists; the
+network expects ``(pixels / 255 - mean) / std`` per channel) when the checkpoint records them (checkpoints
+written since the trainer recorded them).
 * ``torchscript``: ``torch.jit.trace`` on the real batch (``torch.jit.script`` when tracing fails);
 * ``onnx``: the TorchScript-based exporter (``dynamo=False``) with a dynamic batch axis, falling back to the
   ``torch.export``-based one (needs ``onnxscript``).
@@ -17,6 +22,7 @@ Formats:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -38,6 +44,7 @@ __all__ = [
     "sample_batch",
     "export_student",
     "export_run",
+    "input_spec",
 ]
 
 #: Supported formats and the file suffix each gets by default.
@@ -71,6 +78,7 @@ class ExportResult:
     max_abs_diff: float | None
     checked_with: str | None
     notes: list[str] = field(default_factory=list)
+    input: dict[str, Any] | None = None  # shape, mean, std the student expects (None: not recorded)
 
 
 def _first_line(e: BaseException) -> str:
@@ -377,6 +385,10 @@ def export_run(
         "network": str(ck.get("network") or network or "net1"),
         "source": str(ckpt),
     }
+    spec = input_spec(ck)
+    if spec is not None:
+        meta.update({"input_shape": json.dumps(spec["shape"]), "mean": json.dumps(spec["mean"])})
+        meta["std"] = json.dumps(spec["std"])
     if warning:
         print(f"mimkd: warning: {warning}", file=sys.stderr)
     diff, checked_with, more = export_student(net, fmt, out_path, x, meta)
@@ -392,4 +404,13 @@ def export_run(
         max_abs_diff=diff,
         checked_with=checked_with,
         notes=notes + more,
+        input=spec,
     )
+
+
+def input_spec(ck: dict[str, Any]) -> dict[str, Any] | None:
+    """The student's recorded input (``shape``, ``mean``, ``std``), or None for a checkpoint without it."""
+    spec = ck.get("input")
+    if not isinstance(spec, dict) or not all(k in spec for k in ("shape", "mean", "std")):
+        return None
+    return {k: [float(v) if k != "shape" else int(v) for v in spec[k]] for k in ("shape", "mean", "std")}

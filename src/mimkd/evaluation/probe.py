@@ -155,10 +155,17 @@ def student_input_spec(
 ) -> tuple[int, tuple[float, ...], tuple[float, ...], str | None]:
     """The student's training input: ``(image_size, mean, std, training dataset name)``.
 
-    Read from the run configuration the checkpoint holds (``data.name``, ``data.root``, ``data.image_size``);
+    Read from the checkpoint's ``input`` record when it has one (shape, mean, std: checkpoints of current
+    runs), otherwise from the run configuration it holds (``data.name``, ``data.root``, ``data.image_size``);
     the given ``image_size``/``mean``/``std`` win. Statistics computed from training images (digits, folder
     trees) are recomputed by loading that training split, as the run did.
     """
+    recorded = ck.get("input") if isinstance(ck.get("input"), dict) else {}
+    if recorded.get("mean") is not None and recorded.get("std") is not None:  # the checkpoint says it all
+        mean = mean if mean is not None else tuple(recorded["mean"])
+        std = std if std is not None else tuple(recorded["std"])
+        if image_size is None and recorded.get("shape"):
+            image_size = int(recorded["shape"][-1])
     data = _run_config(Path(path), ck).get("data") or {}
     name = data.get("name") if isinstance(data.get("name"), str) else None
     spec = None
