@@ -185,16 +185,11 @@ def restore_rng(state: dict[str, Any], device: torch.device | str | None = None)
     dev = torch.device(device) if device is not None else None
     if "cuda_device" in state and dev is not None and dev.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_device"], dev)
-    elif "cuda" in state and torch.cuda.is_available():
-        if (
-            dev is not None
-            and dev.type == "cuda"
-            and dev.index is not None
-            and dev.index < len(state["cuda"])
-        ):
-            torch.cuda.set_rng_state(state["cuda"][dev.index], dev)
-        elif dev is None:
+    elif "cuda" in state and torch.cuda.is_available():  # the older layout: every GPU's state
+        if dev is None:
             torch.cuda.set_rng_state_all(state["cuda"])
+        elif dev.type == "cuda" and dev.index is not None and dev.index < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][dev.index], dev)
 
 
 # weights_only=True loading accepts tensors and plain containers: store RNG states in that form.
