@@ -65,6 +65,9 @@ class ModelConfig(_Strict):
     # points (zoo) or those discovered by one probe batch (any other model).
     stages: list[str] | None = None
     embedding: str | None = None
+    # Refuse a checkpoint that records another input shape (C, H, W) than the run's data (a teacher trained on
+    # 28×28 images used on 32×32 ones); false: use it anyway.
+    check_input: bool = True
 
     @field_validator("stages", "embedding", mode="before")
     @classmethod

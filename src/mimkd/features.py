@@ -104,7 +104,6 @@ class FeatureTap:
         self.points: list[str] = list(OrderedDict.fromkeys(points))
         self._values: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         modules = dict(model.named_modules())
         by_module: dict[str, list[tuple[str, bool]]] = {}
         for point in self.points:
@@ -120,9 +119,9 @@ class FeatureTap:
             module = modules[path]
             for point, is_input in entries:
                 if is_input:
-                    self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(point)))
+                    module.register_forward_pre_hook(_Capture(self, point, is_input=True))
                 else:
-                    self._handles.append(module.register_forward_hook(self._make_hook(point)))
+                    module.register_forward_hook(_Capture(self, point, is_input=False))
 
     def _store(self, point: str, value) -> None:
         if isinstance(value, (tuple, list)):
@@ -131,18 +130,6 @@ class FeatureTap:
             raise ModelError(f"feature point {point!r} produced {type(value).__name__}, not a tensor")
         self._values[point] = value
         self._versions[point] = value._version
-
-    def _make_hook(self, point: str):
-        def hook(module, inputs, output):
-            self._store(point, output)
-
-        return hook
-
-    def _make_pre_hook(self, point: str):
-        def hook(module, inputs):
-            self._store(point, inputs[0] if inputs else None)
-
-        return hook
 
     @property
     def features(self) -> OrderedDict[str, torch.Tensor]:
@@ -176,9 +163,11 @@ class FeatureTap:
     __call__ = run
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Detach this tap's hooks from the model (in a deep copy of the model, the copy's own tap's)."""
+        for module in self.model.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in [k for k, h in hooks.items() if isinstance(h, _Capture) and h.tap is self]:
+                    del hooks[key]
 
     def specs(self, sample_input: torch.Tensor) -> list[FeatureSpec]:
         """Shapes of every point for ``sample_input`` (runs one forward pass in eval mode, no grad)."""
@@ -190,6 +179,20 @@ class FeatureTap:
         finally:
             self.model.train(was_training)
         return [FeatureSpec(k, tuple(v.shape[1:])) for k, v in feats.items()]
+
+
+class _Capture:
+    """The hook that stores one point's value in its tap. An object rather than a closure, so that a deep copy
+    of a tapped model (``copy.deepcopy`` of a distiller) captures into the copied tap, not the original."""
+
+    def __init__(self, tap: FeatureTap, point: str, is_input: bool) -> None:
+        self.tap, self.point, self.is_input = tap, point, is_input
+
+    def __call__(self, module: nn.Module, inputs, output=None) -> None:
+        if self.is_input:
+            self.tap._store(self.point, inputs[0] if inputs else None)
+        else:
+            self.tap._store(self.point, output)
 
 
 def probe_forward(model: nn.Module, sample_input: torch.Tensor, handles: Iterable = ()) -> None:

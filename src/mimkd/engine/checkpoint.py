@@ -11,8 +11,10 @@ a crash mid-write leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mimkd.errors import CheckpointError
+from mimkd.errors import CheckpointError, MimkdError
 
 __all__ = [
     "atomic_save",
@@ -31,14 +33,51 @@ __all__ = [
     "load_weights",
     "capture_rng",
     "restore_rng",
+    "DiskFullError",
 ]
 
 FORMAT = "mimkd-checkpoint"
 VERSION = 1
 
 
+class DiskFullError(MimkdError, OSError):
+    """The disk filled up while a run wrote its files; what was written before is intact."""
+
+    @staticmethod
+    def is_full(e: BaseException) -> bool:
+        return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+    @classmethod
+    def of(cls, e: OSError, where: str | Path, need_bytes: int | None = None) -> DiskFullError:
+        """The one-line error for ``e`` while writing ``where`` (a file, or a run directory)."""
+        where = Path(where)
+        folder = where if where.is_dir() else where.parent
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        need = f"about {need_bytes / 2**20:.1f} MiB needed, " if need_bytes else ""
+        return cls(
+            f"the disk is full while writing {str(where)!r} ({need}{free}): free some space, then continue "
+            "with --resume (the last complete checkpoint is intact)"
+        )
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename + directory fsync).
+
+    A full disk raises :class:`DiskFullError` (one line: the space needed and that ``--resume`` continues);
+    the previous file at ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,9 +87,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        need = _tensor_bytes(obj)
+        if DiskFullError.is_full(e) or _is_full_write(e, path.parent, need):
+            raise DiskFullError.of(e, path, need) from None
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -60,6 +102,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _is_full_write(e: BaseException, folder: Path, need: int) -> bool:
+    """torch.save reports a full disk as a RuntimeError from its zip writer ("file write failed"): such a
+    failure with less free space than the checkpoint needs is a full disk."""
+    if not (isinstance(e, RuntimeError) and "write failed" in str(e)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < need + (1 << 20)
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

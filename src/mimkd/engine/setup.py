@@ -7,14 +7,12 @@ starts the process group when ``torchrun`` launched several processes (:mod:`mim
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 
 from mimkd.config import ModelConfig, RunConfig
 from mimkd.data import BatchAugment, ImageDataset, dataset_spec, load_dataset, stratified_subset
@@ -26,8 +24,11 @@ from mimkd.features import FeatureTap, feature_points_of
 from mimkd.models import FeaturePoints, build_network
 
 from . import distributed
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import DiskFullError, load_checkpoint, load_weights
 from .distributed import DistInfo, evaluate_sharded
+from .identity import teacher_identity
+from .preflight import probe_distiller, probe_network
+from .rundir import Resume, claimed
 from .trainer import StudentInfo, Trainer
 
 __all__ = ["resolve_device", "build_network", "load_teacher", "load_data", "prepare", "run", "Prepared"]
@@ -46,9 +47,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_teacher(
-    arch: str | None, checkpoint: str, num_classes: int, in_channels: int
+    arch: str | None,
+    checkpoint: str,
+    num_classes: int,
+    in_channels: int,
+    input_shape: tuple[int, ...] | None = None,
+    check_input: bool = True,
 ) -> tuple[nn.Module, str]:
-    """Build the teacher and load its weights strictly. ``arch`` may be omitted for mimkd checkpoints."""
+    """Build the teacher and load its weights strictly. ``arch`` may be omitted for mimkd checkpoints.
+
+    When the checkpoint records the input it was trained on (every mimkd checkpoint does) and that differs
+    from ``input_shape`` (C, H, W of the run's data), the teacher is refused unless ``check_input`` is False.
+    """
     ck = load_checkpoint(checkpoint)
     if arch is None:
         arch = ck.get("arch") if isinstance(ck.get("arch"), str) else None
@@ -57,6 +67,14 @@ def load_teacher(
                 f"teacher checkpoint {checkpoint!r} does not record its architecture: pass --teacher-arch "
                 "(e.g. --teacher-arch resnet32x4)"
             )
+    recorded = (ck.get("input") or {}).get("shape") if isinstance(ck.get("input"), dict) else None
+    if check_input and input_shape is not None and recorded and list(recorded) != list(input_shape):
+        c, h, w = recorded
+        raise ConfigError(
+            f"teacher {checkpoint!r} was trained on {c}×{h}×{w} images, this run's data is "
+            f"{'×'.join(str(x) for x in input_shape)}: resize the data with --image-size {h}, or pass --set "
+            "teacher.check_input=false to use it on these images anyway"
+        )
     net = build_network(arch, num_classes, in_channels)
     load_weights(net, checkpoint, arch)
     return net, arch
@@ -138,6 +156,11 @@ def prepare(
     torch.manual_seed(cfg.seed)
     train, test, augment = load_data(cfg)
     num_classes, in_channels = train.num_classes, train.image_shape[0]
+    if len(train) < cfg.optim.batch_size * info.world_size:
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} × {info.world_size} process(es) is larger than the "
+            f"training set ({len(train)} images): use a smaller --batch-size"
+        )
     student = build_network(cfg.student.arch, num_classes, in_channels)
     if cfg.student.checkpoint:
         load_weights(student, cfg.student.checkpoint, cfg.student.arch)
@@ -149,12 +172,22 @@ def prepare(
 
         finetune = init_student(student, cfg.finetune, cfg.student.arch, in_channels)
     sample = augment(train.images[: min(8, len(train))], torch.Generator().manual_seed(0))
+    probe_network(student, sample, num_classes, "student", cfg.student.arch)
     override_points(student, cfg.student, sample)
-    teacher, teacher_arch = None, None
+    teacher, teacher_arch, identity = None, None, None
     if cfg.teacher is not None and cfg.teacher.checkpoint:
         arch = cfg.teacher.arch if cfg.teacher.arch not in ("", "auto") else None
-        teacher, teacher_arch = load_teacher(arch, cfg.teacher.checkpoint, num_classes, in_channels)
+        teacher, teacher_arch = load_teacher(
+            arch,
+            cfg.teacher.checkpoint,
+            num_classes,
+            in_channels,
+            input_shape=tuple(train.image_shape),
+            check_input=cfg.teacher.check_input,
+        )
+        probe_network(teacher, sample, num_classes, "teacher", teacher_arch)
         override_points(teacher, cfg.teacher, sample)
+        identity = teacher_identity(teacher, teacher_arch, cfg.teacher.checkpoint)
     elif cfg.teacher is not None:
         raise ConfigError("teacher.checkpoint: a teacher needs trained weights (--teacher PATH)")
     options = dict(cfg.method.options)
@@ -169,6 +202,8 @@ def prepare(
         build_network=lambda arch: _maybe_sync_bn(build_network(arch, num_classes, in_channels), sync_bn),
         **options,
     )
+    if distiller.offline_ready():  # (KDEP's forward needs its offline pass first)
+        probe_distiller(distiller, train, augment, cfg.optim.batch_size, distiller.uses_labels)
     if sync_bn:  # the method's own modules too (e.g. MIMKD's projection heads hold a BatchNorm1d)
         for name, child in list(distiller.named_children()):
             if name not in ("student", "teacher") and child not in distiller.networks().values():
@@ -187,6 +222,7 @@ def prepare(
     if teacher is not None:
         extra["teacher"] = teacher_arch
         extra["teacher_params"] = count_parameters(teacher)
+        extra["teacher_identity"] = identity
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     return Prepared(
         cfg, run_dir, device, train, test, augment, distiller, cfg.student.arch, teacher_arch, extra
@@ -197,93 +233,43 @@ def _maybe_sync_bn(net: nn.Module, sync_bn: bool) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
 
 
-def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Prepare and train; returns the run summary (on every rank of a torchrun launch)."""
+def run(cfg: RunConfig, resume: Resume = False, overwrite: bool = False) -> dict[str, Any]:
+    """Prepare and train; returns the run summary (on every rank of a torchrun launch).
+
+    ``resume``: True continues the run in its directory (refused when there is nothing to continue),
+    ``"auto"`` continues it when it has a checkpoint and starts it otherwise; ``overwrite`` starts it over
+    (the old run is kept until the new one has made progress: :mod:`mimkd.engine.rundir`)."""
     with distributed.session(cfg.device) as (info, device):
-        p = prepare(cfg, info, device)
-        _claim_run_dir(p, resume, overwrite, info)
-        if p.distiller.teacher is not None and p.cfg.train.eval_teacher:
-            fmt = torch.channels_last if p.cfg.train.channels_last else torch.contiguous_format
-            p.distiller.teacher.to(device=p.device, memory_format=fmt)
-            res = evaluate_sharded(p.distiller.teacher, p.test, p.cfg.data.test_batch_size, p.device, fmt)
-            p.summary_extra["teacher_test_top1"] = res["top1"]
-        student = StudentInfo(p.student_arch, p.train.num_classes, p.train.image_shape[0])
-        trainer = Trainer(
-            p.cfg,
-            p.distiller,
-            p.train,
-            p.test,
-            p.run_dir,
-            p.device,
-            student,
-            p.augment,
-            extra_summary=p.summary_extra,
-            dist_info=info,
-        )
-        return trainer.fit(resume=resume)
+        p = prepare(cfg, info, device)  # everything is built and probed before the directory is touched
+        with claimed(p.run_dir, p.cfg.model_dump(mode="json"), resume, overwrite, info):
+            try:
+                return _train(p, info, resume=bool(resume))
+            except OSError as e:
+                if DiskFullError.is_full(e):
+                    raise DiskFullError.of(e, p.run_dir) from None
+                raise
 
 
-def _claim_run_dir(p: Prepared, resume: bool, overwrite: bool, info: DistInfo = distributed.SINGLE) -> None:
-    """Check the run directory (every rank, before anyone writes), then write config.yaml (rank 0)."""
-    run_dir, cfg = p.run_dir, p.cfg
-    cfg_file = run_dir / "config.yaml"
-    exists = (run_dir / "last.pt").exists() or cfg_file.exists()
-    if exists and not (resume or overwrite):
-        raise ConfigError(
-            f"run directory {str(run_dir)!r} already holds a run: pass --resume to continue it, --overwrite "
-            "to start over, or --name to choose another"
-        )
-    if resume and cfg_file.exists():
-        old = yaml.safe_load(cfg_file.read_text()) or {}
-        new = cfg.model_dump(mode="json")
-        diffs = _config_diffs(old, new)
-        if diffs:
-            raise ConfigError(
-                f"cannot resume {str(run_dir)!r}: the configuration differs from the one it started with: "
-                + "; ".join(diffs[:10])
-            )
-    distributed.barrier()  # every rank has looked before rank 0 writes
-    if info.is_main:
-        if exists and overwrite and not resume:
-            for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json"):
-                (run_dir / name).unlink(missing_ok=True)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / ".config.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            os.replace(tmp, cfg_file)
-        except OSError as e:
-            raise ConfigError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror or e}") from None
-    distributed.barrier()
-
-
-# keys that may change between a run and its resumption
-_RESUME_FREE = {
-    "device",
-    "threads",
-    "train.progress",
-    "train.tensorboard",
-    "train.measure_latency",
-    "train.compile",
-    "train.data_on_device",
-    "train.nonfinite_check",
-    "data.root",
-    "out_dir",
-}
-
-
-def _config_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        key = f"{prefix}{k}"
-        if key in _RESUME_FREE:
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diffs(a, b, key + ".")
-        elif a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
-    return out
+def _train(p: Prepared, info: DistInfo, resume: bool) -> dict[str, Any]:
+    if p.distiller.teacher is not None and p.cfg.train.eval_teacher:
+        fmt = torch.channels_last if p.cfg.train.channels_last else torch.contiguous_format
+        p.distiller.teacher.to(device=p.device, memory_format=fmt)
+        res = evaluate_sharded(p.distiller.teacher, p.test, p.cfg.data.test_batch_size, p.device, fmt)
+        p.summary_extra["teacher_test_top1"] = res["top1"]
+    student = StudentInfo(p.student_arch, p.train.num_classes, p.train.image_shape[0])
+    trainer = Trainer(
+        p.cfg,
+        p.distiller,
+        p.train,
+        p.test,
+        p.run_dir,
+        p.device,
+        student,
+        p.augment,
+        extra_summary=p.summary_extra,
+        dist_info=info,
+    )
+    return trainer.fit(resume=resume)
 
 
 def is_user_error(e: BaseException) -> bool:

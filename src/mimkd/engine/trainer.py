@@ -50,6 +50,7 @@ from mimkd.evaluation.accuracy import topk_correct
 from . import distributed
 from .checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .distributed import DistInfo, evaluate_sharded
+from .identity import identity_mismatch, teacher_identity
 from .init_stages import InitProgress, run_init_stages
 from .logging import LaggedScalars, Meter, MetricsLog, NullLog, progress_bar, write_json
 from .recipe import build_optimizer, lr_at, set_lr
@@ -147,6 +148,15 @@ class Trainer:
         self.evaluates = distiller.uses_labels  # a label-free pre-training has no trained classifier
         self.skipped = 0
         self.wall_before = 0.0  # wall time of earlier sessions of this run (resume)
+        self.teacher_identity = self._teacher_identity()
+
+    def _teacher_identity(self) -> dict[str, Any] | None:
+        """What the run distils from (recorded in every checkpoint; a resume must find the same)."""
+        ident = self.extra_summary.get("teacher_identity")
+        if ident is None and self.distiller.teacher is not None:  # a teacher built in memory (Python API)
+            ident = teacher_identity(self.distiller.teacher, self.extra_summary.get("teacher"))
+            self.extra_summary["teacher_identity"] = ident
+        return ident
 
     # ------------------------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -202,6 +212,7 @@ class Trainer:
             "wall_time": self.wall_before + (time.time() - self._t0),
             "config": self.cfg.model_dump(mode="json"),
             "input": self.input_spec(),
+            "teacher_identity": self.teacher_identity,
         }
 
     def input_spec(self) -> dict[str, Any]:
@@ -230,6 +241,12 @@ class Trainer:
             raise CheckpointError(
                 f"{str(path)!r} was written by a run of {world} process(es); resume it with the same number "
                 f"(this run has {self.dist.world_size}): the global batch and the step positions depend on it"
+            )
+        changed = identity_mismatch(ck.get("teacher_identity"), self.teacher_identity)
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {str(self.run_dir)!r}: {changed}; put the original teacher back, or start "
+                "over with --overwrite"
             )
         self.distiller.student.load_state_dict(ck["model"])
         self.distiller.load_method_state_dict(ck["method_state"])

@@ -42,9 +42,13 @@ def epochs_done(run_dir: Path) -> int:
 
 
 def run_one(
-    cfg_dict: dict[str, Any], threads: int, after: Callable[[Path], dict[str, Any]] | None = None
+    cfg_dict: dict[str, Any],
+    threads: int,
+    after: Callable[[Path], dict[str, Any]] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Worker: one run, resumed if its directory holds an interrupted one; then ``after(run_dir)``."""
+    """Worker: one run, resumed if its directory holds an interrupted one (started over with ``overwrite``);
+    then ``after(run_dir)``."""
     import torch
 
     from mimkd.config import build_config
@@ -54,10 +58,10 @@ def run_one(
     torch.set_num_threads(threads)
     cfg = build_config({**cfg_dict, "threads": threads})
     run_dir = Path(cfg.out_dir) / cfg.run_name()
-    summary = finished_summary(run_dir, int(cfg.resolved().optim.epochs))
+    summary = None if overwrite else finished_summary(run_dir, int(cfg.resolved().optim.epochs))
     try:
         if summary is None:
-            summary = run(cfg, resume=True)
+            summary = run(cfg, resume=False, overwrite=True) if overwrite else run(cfg, resume="auto")
     except NonFiniteLossError as e:
         return {"status": "diverged", "error": str(e), "method": cfg.method.name}
     except MimkdError as e:
@@ -80,8 +84,10 @@ class Job:
         after: Callable | None = None,
         done: dict[str, Any] | None = None,
         epochs: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.tag = tag
+        self.overwrite = overwrite  # start the run over (e.g. its teacher changed)
         self._epochs = epochs
         self.config = config
         self.after = after
@@ -119,7 +125,7 @@ def run_jobs(
             if job.done is not None:
                 results.append((job, job.done))
             else:
-                pending[pool.submit(run_one, job.config, threads, job.after)] = job
+                pending[pool.submit(run_one, job.config, threads, job.after, job.overwrite)] = job
         with tqdm(total=total, desc=desc, unit="epoch", disable=not show) as bar:
             while pending:
                 for fut in [f for f in pending if f.done()]:

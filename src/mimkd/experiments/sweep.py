@@ -158,6 +158,8 @@ def sweep(
         batch = []
         for r in runs:
             done = finished_summary(out / r.key, r.epochs)
+            if done is not None and r.kind == "student":
+                _same_teacher(r, done, out)
             if done is not None and follow is not None and status[r.key].startswith("finished,"):
                 done = None  # finished, but its probes are still to do
             batch.append(Job(r, r.config, follow, done, r.epochs))
@@ -174,6 +176,18 @@ def sweep(
     for key, s in failed:
         print(f"failed: {key}: {s.get('error')}", file=sys.stderr)
     return {"study": study.name, "out": str(out / study.name), "runs": len(results), "failed": len(failed)}
+
+
+def _same_teacher(r: PlannedRun, summary: dict[str, Any], out: Path) -> None:
+    """A finished student is read back only if its teacher is still the one it was distilled from."""
+    from mimkd.engine.identity import changed_teacher
+
+    changed = changed_teacher(summary, (r.config.get("teacher") or {}).get("checkpoint"))
+    if changed:
+        raise ConfigError(
+            f"finished run {r.key}: {changed}; put the original teacher back, or delete {str(out / r.key)!r} "
+            "to distil it again from the new one"
+        )
 
 
 def _announce(job: Job, summary: dict[str, Any]) -> None:
