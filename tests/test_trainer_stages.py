@@ -94,6 +94,8 @@ def test_modes_on_every_step_including_after_eval_and_after_init_stage(tiny_teac
     CRASH_AT.clear()
     summary = run(_cfg(tiny_teacher, tmp_path, "modes"))
     assert summary["status"] == "finished"
+    assert LOG[0][0] == "main" and LOG[0][1]  # the pre-run probe of the method (on a copy, train mode)
+    del LOG[0]
     stage = [e for e in LOG if e[0] == "stage"]
     main = [e for e in LOG if e[0] == "main"]
     steps = 1200 // 64  # 2 % of Fashion-MNIST, drop_last

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from mimkd.errors import MimkdError
+from mimkd.errors import MimkdError, install_warning_format
 
 __all__ = ["main", "build_parser", "entry", "set_openmp_wait_policy"]
 
@@ -135,6 +135,7 @@ def _pct(x: Any) -> str:
 
 def _print_summary(s: dict[str, Any]) -> None:
     from mimkd.engine.distributed import is_main_process
+    from mimkd.engine.summary import chance_top1, is_near_chance
 
     if not is_main_process():  # under torchrun every rank returns the summary: print it once
         return
@@ -158,8 +159,13 @@ def _print_summary(s: dict[str, Any]) -> None:
             f"best top-1 {_pct(nb.get('top1'))}"
         )
     lines.append(f"  wall time {s.get('wall_time_s', 0):.0f} s")
-    if s.get("diverged"):
-        lines.append("  WARNING: accuracy near chance: the run diverged")
+    if is_near_chance(s):
+        classes = s.get("num_classes")
+        chance = f" ({chance_top1(classes):.2f} %)" if classes else ""
+        lines.append(
+            f"  WARNING: test accuracy {_pct(last.get('top1'))} % is near chance{chance}: too few steps, or "
+            "a learning rate too high (or too low)"
+        )
     print("\n".join(lines))
 
 
@@ -265,6 +271,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         epochs=a.epochs,
         workers=a.workers,
         progress=a.progress,
+        teacher_epochs=a.teacher_epochs,
     )
     return 0
 
@@ -356,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache", default=None, help="teacher cache directory (default: ~/.cache/mimkd)")
     m.add_argument("--seeds", type=int, default=3)
     m.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's)")
+    m.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help="teacher epochs, for shortened runs and CI (default: the demo's)",
+    )
     m.add_argument("--workers", type=int, default=None, help="runs in parallel (default: CPU cores)")
     m.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     m.set_defaults(fn=cmd_demo)
@@ -378,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_format()  # mimkd's warnings as one line each: "mimkd: warning: ..."
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -167,6 +167,16 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     finetune: FinetuneConfig | None = None  # start from a checkpoint, classifier re-initialised
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        # the run directory is OUT/NAME: a name with a separator or '..' would put it outside OUT
+        if v is not None and (v.strip() in ("", ".", "..") or any(c in v for c in "/\\\0")):
+            raise ValueError(
+                f"{v!r} must be a plain directory name (no '/' or '..'); use --out to choose where runs go"
+            )
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.optim.recipe is not None and self.optim.recipe not in RECIPES:
@@ -279,9 +289,10 @@ def validation_message(err: ValidationError, prefix: str = "") -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            shown = got is not None and not isinstance(got, dict) and repr(got) not in msg
+            got_s = f" (got {got!r})" if shown else ""
             lines.append(f"{loc}: {msg}{got_s}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return "invalid configuration: " + "; ".join(lines)  # one line: the CLI prints it as one error line
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -318,17 +329,69 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
+#: The sections of a run configuration and one key of each, for the error that refuses a section that is not
+#: a mapping of keys (``optim: 5`` would otherwise be replaced by the flags' keys, or fail obscurely).
+SECTIONS: dict[str, tuple[str, str]] = {
+    "data": ("train_fraction", "0.1"),
+    "student": ("arch", "resnet8x4"),
+    "teacher": ("checkpoint", "teacher.pt"),
+    "method": ("name", "kd"),
+    "optim": ("lr", "0.1"),
+    "train": ("eval_every", "1"),
+    "finetune": ("checkpoint", "run/last.pt"),
+}
+_NULLABLE = ("teacher", "finetune")  # null: no teacher, no fine-tuning
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "an empty section"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def section_error(where: str, key: str, value: Any, as_flag: bool = False) -> ConfigError:
+    """The one-line error for section ``key`` holding ``value`` (not a mapping), with an example of one."""
+    sub, example = SECTIONS[key]
+    eg = f"--set {key}.{sub}={example}" if as_flag else f"{key}: {{{sub}: {example}}}"
+    return ConfigError(f"{where}: section {key!r} must be a mapping of keys (e.g. {eg}), got {_show(value)}")
+
+
+def check_sections(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """A shallow copy of ``data`` whose sections are all mappings: an empty (null) section is dropped (its
+    defaults apply; ``teacher``/``finetune``: none); any other non-mapping raises :func:`section_error`."""
+    out = dict(data)
+    for key in SECTIONS:
+        if key not in out or isinstance(out[key], dict):
+            continue
+        if out[key] is None and key != "student":
+            if key not in _NULLABLE:
+                del out[key]
+            continue
+        raise section_error(where, key, out[key])
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted ``KEY=VALUE`` overrides to a nested dict (creating intermediate dicts)."""
     for text in overrides:
         path, value = parse_override(text)
+        if (
+            len(path) == 1
+            and path[0] in SECTIONS
+            and not isinstance(value, dict)
+            and (value is not None or path[0] == "student")  # null: the section's defaults (or none)
+        ):
+            raise section_error(f"--set {text!r}", path[0], value, as_flag=True)
         node = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+                if depth == 0 and part in SECTIONS:
+                    raise section_error(f"--set {text!r}", part, nxt, as_flag=True)
+                raise ConfigError(f"--set {text!r}: {part!r} holds {_show(nxt)}, not a mapping of keys")
             node = nxt
         node[path[-1]] = value
     return data
@@ -349,6 +412,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(data: dict[str, Any]) -> RunConfig:
     """Validate a nested dict into a :class:`RunConfig` (method options included), or raise ConfigError."""
+    data = check_sections(data)
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
@@ -365,18 +429,24 @@ def load_config(
     """Merge ``base`` (e.g. from CLI flags), the YAML file at ``path`` and ``overrides``, then validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = read_yaml(path)
+        data = check_sections(read_yaml(path), f"config file {str(path)!r}")
     if base:
         data = _deep_merge(data, copy.deepcopy(base))
     apply_overrides(data, overrides or [])
     return build_config(data)
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def _deep_merge(a: dict[str, Any], b: dict[str, Any], _at: str = "") -> dict[str, Any]:
+    """``b`` merged into ``a`` (``b`` wins); a value of ``a`` that ``b`` gives keys for is refused, not
+    silently replaced by them."""
     out = dict(a)
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = _deep_merge(out[k], v, f"{_at}{k}.")
+        elif isinstance(v, dict) and out.get(k) is not None:
+            if not _at and k in SECTIONS:
+                raise section_error("config", k, out[k])
+            raise ConfigError(f"config: {_at}{k} holds {_show(out[k])}, not a mapping of keys")
         else:
             out[k] = v
     return out

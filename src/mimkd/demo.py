@@ -103,17 +103,21 @@ _stats = mean_std_of
 
 
 def summarise(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per method: mean ± sample std of last- and best-epoch top-1 over the runs that did not diverge."""
+    """Per method: mean ± sample std of last- and best-epoch top-1 over the runs that finished well; the
+    others (near chance, diverged, failed, interrupted) are counted in ``excluded``, by outcome."""
+    from mimkd.engine.summary import count_outcomes, run_outcome
+
     rows = []
     for method, runs in summaries.items():
-        ok = [s for s in runs if s.get("status") == "finished" and not s.get("diverged")]
+        outcomes = [run_outcome(s) for s in runs]
+        ok = [s for s, o in zip(runs, outcomes) if o == "ok"]
         last = [s["last"]["top1"] for s in ok]
         best = [s["best"]["top1"] for s in ok]
         rows.append(
             {
                 "method": method,
                 "runs": len(ok),
-                "diverged_or_failed": len(runs) - len(ok),
+                "excluded": count_outcomes(outcomes),  # by outcome: left out of the means
                 "last_mean": _stats(last)[0],
                 "last_std": _stats(last)[1],
                 "best_mean": _stats(best)[0],
@@ -130,6 +134,8 @@ def summarise(summaries: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
 
 
 def format_table(rows: list[dict[str, Any]], header: str) -> str:
+    from mimkd.engine.summary import describe_counts
+
     lines = [
         header,
         "",
@@ -137,7 +143,8 @@ def format_table(rows: list[dict[str, Any]], header: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        flag = f" ({r['diverged_or_failed']} diverged/failed, excluded)" if r["diverged_or_failed"] else ""
+        excluded = describe_counts(r.get("excluded", {}))
+        flag = f" ({excluded}: excluded)" if excluded else ""
         if not r["runs"]:
             lines.append(f"| {r['method']} | N/A | N/A | | 0{flag} | |")
             continue
@@ -185,24 +192,48 @@ def plot(rows: list[dict[str, Any]], teacher_acc: float | None, path: Path, titl
 
 
 def _train_teacher(cache_dir: Path, progress: bool | None, epochs: int, fraction: float):
+    """The cached teacher, trained first if needed. The cache entry's lock is held throughout: a second demo
+    started meanwhile waits for this teacher and then reuses it, instead of training it a second time."""
     from mimkd.config import build_config
+    from mimkd.engine.runlock import RunLock
     from mimkd.engine.setup import run
 
     cfg_dict = _teacher_config(cache_dir, epochs, fraction)
     run_dir = Path(cfg_dict["out_dir"]) / cfg_dict["name"]
-    done = _finished(run_dir, epochs)
-    if done:
-        print(f"[demo] teacher: reusing {run_dir} (test top-1 {done['last']['top1']:.2f} %)")
-        return run_dir / "last.pt", done
-    print(
-        f"[demo] teacher: training {DEMO['teacher']['arch']} on {fraction:.0%} of Fashion-MNIST for "
-        f"{epochs} epochs (cached in {run_dir} for next time)",
-        flush=True,
-    )
-    cfg_dict["train"] = {"progress": progress}
-    summary = run(build_config(cfg_dict), resume=True)
+
+    def waiting(pid: str) -> None:
+        print(
+            f"[demo] teacher: another mimkd process (PID {pid}) is training it in {run_dir}; waiting",
+            flush=True,
+        )
+
+    with RunLock(run_dir).acquire(wait=True, on_wait=waiting):
+        done = _finished(run_dir, epochs)
+        if done:
+            print(f"[demo] teacher: reusing {run_dir} (test top-1 {done['last']['top1']:.2f} %)")
+            return run_dir / "last.pt", done
+        print(
+            f"[demo] teacher: training {DEMO['teacher']['arch']} on {fraction:.0%} of Fashion-MNIST for "
+            f"{epochs} epochs (cached in {run_dir} for next time)",
+            flush=True,
+        )
+        cfg_dict["train"] = {"progress": progress}
+        summary = run(build_config(cfg_dict), resume="auto")
     print(f"[demo] teacher: test top-1 {summary['last']['top1']:.2f} % in {summary['wall_time_s']:.0f} s")
     return run_dir / "last.pt", summary
+
+
+def _job(method: str, cfg: dict[str, Any], epochs: int) -> Job:
+    """A demo run: read back when finished with the current teacher, started over when its teacher changed
+    (e.g. the teacher cache was cleared and the teacher trained again)."""
+    from mimkd.engine.identity import changed_teacher
+
+    done = _finished(Path(cfg["out_dir"]) / cfg["name"], epochs)
+    changed = changed_teacher(done, (cfg.get("teacher") or {}).get("checkpoint")) if done else None
+    if changed:
+        print(f"[demo] {cfg['name']}: {changed}; running it again", flush=True)
+        return Job(method, cfg, overwrite=True)
+    return Job(method, cfg, done=done)
 
 
 def run_demo(
@@ -257,10 +288,7 @@ def run_demo(
         flush=True,
     )
     summaries: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    batch = [
-        Job(method, cfg, done=_finished(Path(cfg["out_dir"]) / cfg["name"], epochs))
-        for method, _, cfg in jobs
-    ]
+    batch = [_job(method, cfg, epochs) for method, _, cfg in jobs]
     for job, summary in run_jobs(batch, workers, threads, desc="demo runs", progress=progress):
         summaries[job.tag].append(summary)
     for method, runs in summaries.items():

@@ -7,8 +7,12 @@ traceback. The message names the problem and, where there is one, the fix.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import sys
+import warnings
 from collections.abc import Iterable
+from typing import Any, TextIO
 
 
 class MimkdError(Exception):
@@ -37,6 +41,45 @@ class MethodError(MimkdError, ValueError):
 
 class NonFiniteLossError(MimkdError, FloatingPointError):
     """A loss term became NaN or infinite."""
+
+
+class MimkdWarning(UserWarning):
+    """A warning mimkd gives the user (a fallback it took, a setting it could not honour exactly).
+
+    Once :func:`install_warning_format` ran (the CLI and the sweep workers call it), it is printed as one line
+    ``mimkd: warning: <message>`` on stderr, without the file name and source line Python adds."""
+
+
+def install_warning_format() -> None:
+    """Make :mod:`warnings` print a :class:`MimkdWarning` as the one line ``mimkd: warning: <message>``.
+
+    Every other category is shown as before; filters (``-W``, ``warnings.simplefilter``) and recording
+    (``warnings.catch_warnings(record=True)``, ``pytest.warns``) work as usual. Calling it again does nothing.
+    """
+    previous = warnings.showwarning
+    if getattr(previous, "_mimkd_one_line", False):
+        return
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if not issubclass(category, MimkdWarning):
+            previous(message, category, filename, lineno, file, line)
+            return
+        out = sys.stderr if file is None else file
+        if out is None:  # no stderr (pythonw): nowhere to show it
+            return
+        with contextlib.suppress(OSError):  # stderr closed: the warning cannot be shown
+            out.write(f"mimkd: warning: {' '.join(str(message).split())}\n")
+
+    shown: Any = show
+    shown._mimkd_one_line = True
+    warnings.showwarning = shown
 
 
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:

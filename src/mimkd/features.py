@@ -16,6 +16,7 @@ silently change it; the tap records each tensor's version counter and raises if 
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,15 @@ class FeatureTap:
                     module.register_forward_pre_hook(_Capture(self, point, is_input=True))
                 else:
                     module.register_forward_hook(_Capture(self, point, is_input=False))
+
+    def __deepcopy__(self, memo: dict) -> FeatureTap:
+        """A copy (made with a copy of its model) that holds no captured values: those belong to the last
+        forward pass of the original and may be non-leaf tensors, which cannot be copied."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = {} if key in ("_values", "_versions") else copy.deepcopy(value, memo)
+        return new
 
     def _store(self, point: str, value) -> None:
         if isinstance(value, (tuple, list)):

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from mimkd.errors import CheckpointError, MethodError
+from mimkd.errors import CheckpointError, MethodError, MimkdWarning
 from mimkd.features import FeatureTap, feature_points_of
 
 from .base import DistillContext, Distiller, MethodOptions
@@ -160,11 +160,11 @@ class KDEP(Distiller):
             return fp.preact[-1]
         msg = (
             f"KDEP: the {who} ({type(net).__name__}) declares no pre-ReLU point for its last stage; using "
-            f"the post-ReLU map {fp.stages[-1]!r} instead (spec §3.2 distils pre-ReLU features; name one "
-            f"with method.{who}_point)"
+            f"the post-ReLU map {fp.stages[-1]!r} instead (KDEP distils pre-ReLU features; name one with "
+            f"method.{who}_point)"
         )
         self.fallbacks.append(msg)
-        warnings.warn(msg, stacklevel=4)
+        warnings.warn(msg, MimkdWarning, stacklevel=4)
         return fp.stages[-1]
 
     # -- the offline pass -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from mimkd.errors import MethodError
+from mimkd.errors import MethodError, MimkdWarning
 from mimkd.features import FeatureSpec, FeatureTap, feature_points_of, pair_by_size
 from mimkd.mi import ConcatConvCritic, ProjectDotCritic, derangement, jsd_bound, jsd_loss
 from mimkd.mi.contrast import BankContrast
@@ -136,8 +136,9 @@ class MIMKD(Distiller):
                     raise MethodError(f"mimkd: the student has no feature map for the local term ({found})")
                 if not pairs:
                     warnings.warn(
-                        f"mimkd: no common map size ({found}); the local term uses the student's deepest map "
-                        f"{s_cands[-1].name!r} and there is no feature term",
+                        f"method mimkd: no common map size ({found}); the local term uses the student's "
+                        f"deepest map {s_cands[-1].name!r} and there is no feature term",
+                        MimkdWarning,
                         stacklevel=2,
                     )
                 local = s_cands[-1]

@@ -130,10 +130,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # a non-PyTorch file fails anywhere in the unpickler (IndexError, KeyError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # The cause, short: torch's own text is mostly advice (load with weights_only=False, i.e. run the
+        # file's code; file an issue), wrong for a corrupt file and unsafe. Keep the underlying error only.
+        text = " ".join(str(e).split())
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0].strip()
+        text = text.split(". This is an internal miniz error", 1)[0]
+        if "weights_only" in text or "Weights only" in text:
+            text = ""
+        cause = f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+        if p.stat().st_size == 0:
+            cause = "the file is empty"
+        fix = "replace it with an intact copy"
+        if p.name == "last.pt":  # a run's own checkpoint: what the user can do with that run
+            fix = "start over with --overwrite"
+            if (p.parent / "best.pt").is_file():
+                fix += ", or use best.pt of the same run as a teacher or export source (the best student)"
         raise CheckpointError(
-            f"cannot read checkpoint {str(p)!r}: it is truncated, corrupt or not a PyTorch file "
-            f"({first[:200]})"
+            f"cannot read checkpoint {str(p)!r} ({cause}): it is truncated, corrupt or not a PyTorch file; "
+            + fix
         ) from None
     if isinstance(obj, nn.Module):
         obj = {"model": obj.state_dict()}

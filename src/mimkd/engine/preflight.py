@@ -77,7 +77,10 @@ def probe_distiller(
     try:
         images = augment(train.images[:n], torch.Generator().manual_seed(0))
         labels = train.labels[:n] if with_labels else None
-        probe = copy.deepcopy(distiller)
+        try:
+            probe = copy.deepcopy(distiller)
+        except Exception:  # a method holding non-copyable state (e.g. a computed tensor): no probe
+            return
         probe.train()
         _, terms = probe(images, labels, index)
         if terms:

@@ -133,7 +133,12 @@ def _lock(run_dir: Path, info: DistInfo) -> RunLock | None:
         try:
             lock = RunLock(run_dir).acquire()
         except (MimkdError, OSError) as e:
-            err = str(e) if isinstance(e, MimkdError) else f"cannot lock {str(run_dir)!r}: {e}"
+            err = (
+                str(e)
+                if isinstance(e, MimkdError)
+                else f"cannot write to run directory {str(run_dir)!r} ({e.strerror or e}); choose another "
+                "--out directory or fix its permissions"
+            )
     err = distributed.broadcast_object(err) if info.enabled else err
     if err:
         raise ConfigError(err)

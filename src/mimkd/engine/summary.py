@@ -2,7 +2,12 @@
 
 Last AND best epoch accuracy (the papers report the last; the best is chosen on the test set), throughput,
 the speed settings the run used, the student's single-image CPU latency, every network of a cohort (DML,
-DCM), and whether the run diverged (last accuracy below 1.5× chance).
+DCM), and whether its accuracy stayed near chance (``near_chance``: last accuracy below 1.5× chance).
+
+A finished run never has ``diverged`` set: that is a run the trainer stopped for a non-finite loss (its
+``summary.json`` has status ``diverged``). A finished run near chance was too short or its learning rate too
+high. Summaries written before the two were told apart have ``diverged: true`` with status ``finished``:
+:func:`is_near_chance` and :func:`run_outcome` read those as near chance.
 """
 
 from __future__ import annotations
@@ -12,7 +17,56 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["build_summary"]
+__all__ = [
+    "build_summary",
+    "chance_top1",
+    "is_near_chance",
+    "run_outcome",
+    "count_outcomes",
+    "describe_counts",
+    "OUTCOMES",
+]
+
+#: What became of a run, as :func:`run_outcome` names it; only ``ok`` runs enter means.
+OUTCOMES = ("ok", "near_chance", "diverged", "failed", "interrupted", "missing")
+
+
+def chance_top1(num_classes: int | None) -> float:
+    """Top-1 accuracy (%) of guessing among ``num_classes`` classes."""
+    return 100.0 / max(int(num_classes or 1), 1)
+
+
+def is_near_chance(summary: dict[str, Any] | None) -> bool:
+    """Whether a finished run's last accuracy is near chance (older summaries: ``diverged`` with status
+    ``finished``)."""
+    s = summary or {}
+    if s.get("status") != "finished":
+        return False
+    return bool(s.get("near_chance") or ("near_chance" not in s and s.get("diverged")))
+
+
+def run_outcome(summary: dict[str, Any] | None) -> str:
+    """One of :data:`OUTCOMES`: ``ok`` (finished), ``near_chance`` (finished, accuracy near chance),
+    ``diverged`` (stopped by a non-finite loss), ``failed`` (an error), ``interrupted`` (any other status),
+    ``missing`` (no summary)."""
+    if not summary:
+        return "missing"
+    status = summary.get("status")
+    if status == "finished":
+        return "near_chance" if is_near_chance(summary) else "ok"
+    if status in ("diverged", "failed"):
+        return str(status)
+    return "interrupted"
+
+
+def count_outcomes(outcomes: list[str]) -> dict[str, int]:
+    """How many of each outcome other than ``ok`` (those that occur, in :data:`OUTCOMES` order)."""
+    return {o: outcomes.count(o) for o in OUTCOMES if o != "ok" and o in outcomes}
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """``'1 near chance, 2 failed'`` for :func:`count_outcomes`' counts, or '' when there are none."""
+    return ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in counts.items() if n)
 
 
 def build_summary(t: Trainer, records: list[dict[str, Any]], session_seconds: float) -> dict[str, Any]:
@@ -72,6 +126,7 @@ def build_summary(t: Trainer, records: list[dict[str, Any]], session_seconds: fl
         summary["evaluation"] = (
             "none: a label-free pre-training has no trained classifier; measure it with mimkd finetune"
         )
-    chance = 100.0 / max(t.student_info.num_classes, 1)
-    summary["diverged"] = bool(last.get("test.top1") is not None and last["test.top1"] < 1.5 * chance)
+    chance = chance_top1(t.student_info.num_classes)
+    summary["near_chance"] = bool(last.get("test.top1") is not None and last["test.top1"] < 1.5 * chance)
+    summary["diverged"] = False  # a finished run; one stopped by a non-finite loss never gets here
     return summary

@@ -53,8 +53,9 @@ def run_one(
 
     from mimkd.config import build_config
     from mimkd.engine.setup import run
-    from mimkd.errors import MimkdError, NonFiniteLossError
+    from mimkd.errors import MimkdError, NonFiniteLossError, install_warning_format
 
+    install_warning_format()  # a spawned worker: its mimkd warnings one line each, as in the CLI
     torch.set_num_threads(threads)
     cfg = build_config({**cfg_dict, "threads": threads})
     run_dir = Path(cfg.out_dir) / cfg.run_name()

@@ -3,8 +3,9 @@
 For every pair and method row: mean ± sample std over seeds of the **last** epoch's test top-1 (what the
 papers report) and of the **best** epoch's (selected on the test set, hence optimistic: shown so the two can
 be told apart), the gain of the last-epoch mean over the vanilla student, and with ``--compare-published``
-the published number and our difference to it. Runs that diverged are counted and left out of the means;
-runs not finished yet are counted as missing. Plots: training curves per pair, the ablation contours of a
+the published number and our difference to it. Runs that finished near chance accuracy, diverged (stopped by
+a non-finite loss), failed or were interrupted are counted, by outcome, and left out of the means; runs not
+started yet are counted as missing. Plots: training curves per pair, the ablation contours of a
 grid (pairs of grid keys, the others fixed, as the MIMKD paper's Fig. 3), and accuracy against single-image
 CPU latency (measured here by :func:`mimkd.evaluation.latency.latency_profile`: median of many batch-1 calls,
 one thread and all threads, cached in ``DIR/latency.json``).
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mimkd.engine.summary import count_outcomes, describe_counts, run_outcome
 from mimkd.errors import ConfigError
 
 from .pool import mean_std_of
@@ -37,11 +39,18 @@ class RunRecord:
     point: dict[str, Any]
     summary: dict[str, Any] | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
+    started: bool = False  # its directory holds a checkpoint
+
+    @property
+    def outcome(self) -> str:
+        """``ok``, ``near_chance``, ``diverged``, ``failed``, ``interrupted`` or ``missing`` (not started)."""
+        if self.summary is None:
+            return "interrupted" if self.started else "missing"
+        return run_outcome(self.summary)
 
     @property
     def ok(self) -> bool:
-        s = self.summary
-        return bool(s) and s.get("status") == "finished" and not s.get("diverged")
+        return self.outcome == "ok"
 
     def value(self, metric: str) -> float | None:
         s = self.summary or {}
@@ -88,6 +97,7 @@ def collect(study_dir: str | Path) -> tuple[Study, list[RunRecord]]:
                     probes[f"probe.{res['dataset']}"] = res["test_top1"]
             rec.summary["probes"] = probes
         rec.curve = _curve(run_dir / "metrics.jsonl")
+        rec.started = (run_dir / "last.pt").exists()
         records.append(rec)
     return study, records
 
@@ -138,7 +148,8 @@ def summarise(study: Study, records: list[RunRecord]) -> list[dict[str, Any]]:
                     "point": point,
                     "planned": len(runs),
                     "finished": len(ok),
-                    "diverged": sum(1 for r in runs if r.summary and not r.ok and r.summary.get("status")),
+                    # near chance, diverged, failed, interrupted: counted, left out of the means
+                    "excluded": count_outcomes([o for r in runs if (o := r.outcome) != "missing"]),
                     "last": mean_std_of(last) if last else None,
                     "best": mean_std_of([r.value("best") for r in ok]) if ok else None,
                     "last_values": last,
@@ -180,7 +191,8 @@ def format_markdown(study: Study, records: list[RunRecord], entries: list[dict],
     out.append(
         f"{n_done} of {n_all} student runs finished. **last** = test top-1 (%) at the last epoch (what the "
         "papers report); **best** = at the best test epoch (selected on the test set: optimistic). Mean ± "
-        "sample std over seeds; diverged runs are left out of the means and counted."
+        "sample std over seeds; runs that ended near chance, diverged (a non-finite loss), failed or were "
+        "interrupted are left out of the means and counted."
     )
     if compare and spec.published_source:
         out.append(f"Published numbers: {spec.published_source}; Δ = our last-epoch mean − published.")
@@ -209,15 +221,14 @@ def format_markdown(study: Study, records: list[RunRecord], entries: list[dict],
                 pub = e["published"].get("top1")
                 delta = f"{e['last'][0] - pub[0]:+.2f}" if pub and e["last"] else ""
                 cells += [_pub(pub), delta]
-            runs = f"{e['finished']}/{e['planned']}" + (
-                f" ({e['diverged']} diverged)" if e["diverged"] else ""
-            )
+            excluded = describe_counts(e["excluded"])
+            runs = f"{e['finished']}/{e['planned']}" + (f" ({excluded})" if excluded else "")
             cells += [runs, f"{e['seconds_per_run']:.0f}" if e["seconds_per_run"] else ""]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         probe_keys = sorted({k for e in mine for k in e["probes"]} | _published_probes(study, pair))
         if probe_keys:
-            out += [f"Linear-probe transfer (spec §1.9) of the {pair} students: test top-1 (%)", ""]
+            out += [f"Linear-probe transfer of the {pair} students (frozen features): test top-1 (%)", ""]
             head = ["method"] + [k.removeprefix("probe.") for k in probe_keys]
             if compare:
                 head += [f"published {k.removeprefix('probe.')}" for k in probe_keys]

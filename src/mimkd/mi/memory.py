@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimkd.errors import MethodError
+from mimkd.errors import MethodError, MimkdWarning
 
 __all__ = [
     "FULL_MATRIX_RATIO",
@@ -284,6 +284,7 @@ class ClassAwareNegativeSampler:
                 f"{name}: num_negatives={num_negatives} exceeds the number of other-class samples for "
                 f"{int(small.sum())} of {classes.numel()} classes (smallest pool {int(pools.min())}); their "
                 "negatives are drawn with replacement",
+                MimkdWarning,
                 stacklevel=2,
             )
         self._equal_pools = bool((pools == self.max_pool).all())

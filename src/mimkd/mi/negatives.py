@@ -24,9 +24,9 @@ def _check_batch(batch_size: int, fn: str) -> int:
         raise MethodError(f"{fn}: batch_size must be an int, got {batch_size!r}")
     if batch_size < 2:
         raise MethodError(
-            f"{fn} needs a batch of at least 2 to build a negative pair (one negative per positive, "
-            f"spec §1.3), got a batch of {batch_size}; use a batch size >= 2 (and drop_last=True so the last "
-            "batch is full)"
+            f"a batch of {batch_size} image has no negative pair ({fn} pairs each image with another image "
+            "of its batch, so it needs a batch of at least 2): use --batch-size 2 or more "
+            "(optim.batch_size in a config)"
         )
     return batch_size
 
