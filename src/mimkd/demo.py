@@ -6,7 +6,9 @@
    ``vanilla``, ``kd`` and ``mimkd``, three seeds each, several runs in parallel on the CPU cores.
 3. A table (mean ± std of last- and best-epoch test accuracy) is printed and written with a bar chart.
 
-Runs that end near chance accuracy are flagged as diverged and left out of the means, not averaged in.
+Runs that end near chance accuracy (or stopped by a non-finite loss, or failed) are counted and left out of
+the means, not averaged in. The cached teacher is locked while it trains: a second demo waits for it, then
+reuses it.
 Every run is an ordinary run directory: the demo resumes where it stopped if interrupted.
 """
 
