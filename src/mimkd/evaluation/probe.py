@@ -1,11 +1,11 @@
-"""Linear-probe transfer: ``mimkd probe`` (spec §1.9, the protocol of Table 3).
+"""Linear-probe transfer: ``mimkd probe`` (the protocol of the MIMKD paper's Table 3).
 
 The student is frozen; its pre-classifier features — the input of its final ``nn.Linear``, the one that runs
 last in a forward pass (``feat[-1]`` in RepDistiller's terms, 128-d for WRN-16-2) — are extracted once for
 the train and test splits of another dataset, and one ``nn.Linear`` trained on the cached training features
 is evaluated on the test features (top-1, %).
 
-How the probe dataset is adapted to the student (spec §1.9 [PROPOSAL], after CRD's protocol):
+How the probe dataset is adapted to the student (our choice, after CRD's protocol):
 
 * **size**: images are resized to the student's training image size — the run's ``data.image_size``, else
   the native size of the dataset it was trained on (32 for CIFAR students, so STL-10 96→32 and TinyImageNet
@@ -329,7 +329,7 @@ def linear_probe(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
-    """Linear-probe transfer of a frozen student (spec §1.9): top-1 of a linear classifier trained on its
+    """Linear-probe transfer of a frozen student: top-1 of a linear classifier trained on its
     pre-classifier features of ``data``'s train split, on ``data``'s test split.
 
     Args:

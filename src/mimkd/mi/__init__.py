@@ -1,4 +1,4 @@
-"""Mutual-information machinery shared by MIMKD, CRD and WCoRD (spec §1.2, §1.3, §1.6, §2.3, §3.5).
+"""Mutual-information machinery shared by MIMKD, CRD and WCoRD.
 
 * :mod:`mimkd.mi.bounds` — JSD, infoNCE, Donsker-Varadhan bounds and CRD's NCE loss on critic scores.
 * :mod:`mimkd.mi.critics` — concat-and-1×1-conv critic, DIM projection head, project-and-dot critic.

@@ -1,4 +1,4 @@
-"""Critics ``T_ω(a, b)`` that score (teacher, student) pairs for the MI bounds (spec §1.6).
+"""Critics ``T_ω(a, b)`` that score (teacher, student) pairs for the MI bounds.
 
 * :class:`ConcatConvCritic` — MIMKD's local and feature critics ("concat-and-convolve"): the teacher and
   student tensors are concatenated on channels and scored at every location by a stack of 1×1 convolutions.
@@ -56,7 +56,7 @@ def _as_maps(scores: Tensor, like: Tensor, batch: int | None = None) -> Tensor:
 
 
 class ConcatConvCritic(nn.Module):
-    """Concat-and-convolve critic of MIMKD's local (Eq. 4) and feature (Eq. 5) terms (spec §1.6).
+    """Concat-and-convolve critic of MIMKD's local (Eq. 4) and feature (Eq. 5) terms.
 
     ``T([t ; s])``: ``conv1x1(C_t+C_s → hidden)``, ReLU, ``(num_hidden_layers - 1) ×`` [``conv1x1(hidden →
     hidden)``, ReLU], ``conv1x1(hidden → 1)``; bias on every conv, PyTorch default init, no normalisation.
@@ -64,7 +64,7 @@ class ConcatConvCritic(nn.Module):
     the naive conv stack over the concatenation (``layers.0.weight`` has ``C_t + C_s`` input channels, teacher
     first).
 
-    The teacher input is either a map ``B×C_t×m×m`` (feature term: same location, spec §1.4) or a vector
+    The teacher input is either a map ``B×C_t×m×m`` (feature term: same location) or a vector
     ``B×C_t`` (local term: the pooled teacher vector "replicated" over the student's ``m×m`` locations). The
     student input is always a map ``B×C_s×m×m``. Scores have shape ``B×1×m×m``.
 
@@ -109,7 +109,7 @@ class ConcatConvCritic(nn.Module):
         if t.dim() == 4 and t.shape[2:] != s.shape[2:]:
             raise MethodError(
                 f"{name}: teacher map {tuple(t.shape[2:])} and student map {tuple(s.shape[2:])} must have "
-                "the same spatial size (pair maps of equal size, spec §1.5)"
+                "the same spatial size (pair maps of equal size)"
             )
 
     # The 1×1 convolutions run as matrix products over locations: a map B×C×m×m is viewed as a (B·m·m)×C
@@ -150,7 +150,7 @@ class ConcatConvCritic(nn.Module):
         """Scores of the positive pairs and of the region-consistent negatives, sharing the first layer.
 
         Positives: ``T([t_b ; s_b])``. Negatives: ``T([t_perm[b] ; s_b])`` at the same location (another
-        image's teacher tensor, spec §1.4). ``W_t·t`` and ``W_s·s + b`` are computed once and the negatives'
+        image's teacher tensor). ``W_t·t`` and ``W_s·s + b`` are computed once and the negatives'
         pre-activation is ``(W_t·t)[perm] + (W_s·s + b)``; the remaining layers run on positives and negatives
         in one batched call.
 
@@ -180,7 +180,7 @@ class ConcatConvCritic(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Deep InfoMax ``MIFCNet``-style projector with a linear shortcut (spec §1.6).
+    """Deep InfoMax ``MIFCNet``-style projector with a linear shortcut.
 
     ``P(x) = W2·ReLU(BN1d(W1·x)) + b2 + W_sc·x + b_sc`` with ``W1: in_dim → hidden`` (no bias), ``W2: hidden →
     out_dim`` and the shortcut ``W_sc: in_dim → out_dim`` (with bias). ``hidden`` defaults to ``out_dim`` (the
@@ -217,7 +217,7 @@ class ProjectionHead(nn.Module):
 
 
 class ProjectDotCritic(nn.Module):
-    """MIMKD's global critic "project and dot with linear shortcut" (spec §1.6).
+    """MIMKD's global critic "project and dot with linear shortcut".
 
     One :class:`ProjectionHead` per side (teacher ``d_t → dim``, student ``d_s → dim``).
 
@@ -278,7 +278,7 @@ class ProjectDotCritic(nn.Module):
         """Positives ``T(f_t[b], f_s[b])`` and negatives ``T(f_t[perm[b]], f_s[b])``, one embedding pass.
 
         ``perm`` ``(B,)`` → negatives ``(B,)``; ``perm`` ``(B, K)`` → negatives ``(B, K)``. For the JSD
-        ablation of the global term (one shuffled negative, no bank, spec §1.3).
+        ablation of the global term (one shuffled negative, no bank).
         """
         self._check_batch(f_t, f_s)
         perm = _check_perm(perm, f_s.shape[0], type(self).__name__)
