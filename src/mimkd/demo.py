@@ -251,13 +251,15 @@ def run_demo(
     train_fraction: float | None = None,
     methods: dict[str, dict[str, Any]] | None = None,
     plot_name: str = "demo.png",
+    threads: int | None = None,
 ) -> dict:
     """Run the demo; returns the results dict also written to ``OUT/results.json``.
 
     ``teacher_epochs``, ``teacher_fraction`` and ``train_fraction`` shrink the protocol for smoke tests.
     ``methods`` (``{method: options}``, default the demo's vanilla/kd/mimkd) runs other methods on the same
     protocol (``experiments/baselines_fmnist.py``); a method with a ``runs_as`` key runs that registered
-    method under this row name (e.g. two option sets of one method).
+    method under this row name (e.g. two option sets of one method). ``threads`` per run defaults to the
+    cores divided by ``workers`` (two studies side by side: ``workers=1, threads=1`` each).
     """
     t0 = time.time()
     out = Path(out_dir)
@@ -266,7 +268,7 @@ def run_demo(
     epochs = epochs or DEMO["student_epochs"]
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, cores))
-    threads = max(1, cores // workers)
+    threads = threads or max(1, cores // workers)
 
     teacher_epochs = teacher_epochs or DEMO["teacher"]["epochs"]
     fraction = train_fraction or DEMO["train_fraction"]
