@@ -135,6 +135,9 @@ class TrainConfig(_Strict):
     # host-device synchronisation per step); "auto": deferred on CUDA, step elsewhere.
     nonfinite_check: Literal["auto", "step", "deferred"] = "auto"
     sync_bn: bool = False  # SyncBatchNorm in the student(s) under torchrun (CUDA only in torch 2.13)
+    # Every N steps: each loss term's gradient norm on the student, its ratio to CE's and its cosine with
+    # CE's (mimkd.engine.term_grads; one extra backward per term on those steps only). 0: off.
+    log_term_grads: int = Field(0, ge=0)
 
 
 class FinetuneConfig(_Strict):

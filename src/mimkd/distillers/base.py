@@ -119,6 +119,21 @@ class Distiller(nn.Module):
                 continue
             yield name, p
 
+    def schedule_warnings(self, visits: float) -> list[str]:
+        """Warnings about the run's schedule, given how often it shows each training sample (``visits``):
+        collected from the method's parts that define ``schedule_warnings`` (the memory-bank contrast of
+        CRD, WCoRD and MIMKD), each prefixed with the method's name. The trainer warns before training."""
+        out = []
+        for name, m in self.named_modules():
+            if name and hasattr(m, "schedule_warnings"):
+                out += [f"method {self.name}: {w}" for w in m.schedule_warnings(visits)]
+        return out
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name prefix (e.g. ``{"local_critic.": 10.0}``); the
+        trainer gives each such parameter ``scale × lr`` at every step. Empty by default."""
+        return {}
+
     def method_state_dict(self) -> dict[str, torch.Tensor]:
         """State of the method's own parts (critics, heads, banks): everything but student and teacher."""
         return {

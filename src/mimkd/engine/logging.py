@@ -167,6 +167,12 @@ class MetricsLog:
                     self.writer.add_scalar(k.replace(".", "/"), v, step)
             self.writer.flush()
 
+    def scalars(self, values: dict[str, Any], step: int) -> None:
+        """Per-step scalars to TensorBoard only (the term-gradient diagnostics of a logged step)."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k.replace(".", "/"), float(v), step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -184,6 +190,9 @@ class NullLog:
         return []
 
     def write(self, record: dict[str, Any], step: int) -> None:
+        pass
+
+    def scalars(self, values: dict[str, Any], step: int) -> None:
         pass
 
     def close(self) -> None:

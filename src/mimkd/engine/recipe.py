@@ -14,18 +14,34 @@ import torch
 
 from mimkd.config import OptimConfig
 
-__all__ = ["build_optimizer", "lr_at", "set_lr"]
+__all__ = ["build_optimizer", "lr_at", "param_groups", "set_lr"]
+
+
+def param_groups(
+    named: Iterable[tuple[str, torch.nn.Parameter]], scales: dict[str, float]
+) -> list[torch.nn.Parameter] | list[dict]:
+    """The parameters as optimiser groups by learning-rate scale (the first matching name prefix of
+    ``scales``, else 1); a plain list when there are no scales (one group, as before scales existed)."""
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if not scales:
+        return [p for _, p in named]
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        scale = next((float(v) for k, v in scales.items() if name.startswith(k)), 1.0)
+        groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
 
 
 def build_optimizer(
-    cfg: OptimConfig, params: Iterable[torch.nn.Parameter], *, fused: bool = False
+    cfg: OptimConfig, params: Iterable[torch.nn.Parameter] | list[dict], *, fused: bool = False
 ) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay on every trainable parameter, as RepDistiller) or AdamW.
 
     ``fused=True`` picks PyTorch's fused implementation, which can skip an update on the device
     (``found_inf``, used by the deferred non-finite check of :class:`~mimkd.engine.step.TrainStep`).
+    ``params`` may be groups from :func:`param_groups` (their ``lr_scale`` is applied by :func:`set_lr`).
     """
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if isinstance(p, dict) or p.requires_grad]
     extra = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(

@@ -57,6 +57,7 @@ class StepResult:
         applied: ``True``/``False`` when known on the host (``check="step"``); ``None`` when deferred.
         keep: in deferred mode, a device bool scalar that is False when the step's update was masked (for
             the meters); ``None`` otherwise.
+        grads: what ``inspect`` returned (per-term gradient statistics), empty when no probe ran.
     """
 
     logits: Tensor | None
@@ -65,6 +66,7 @@ class StepResult:
     nonfinite: Tensor
     applied: bool | None
     keep: Tensor | None = None
+    grads: dict[str, Tensor] = field(default_factory=dict)  # the ``inspect`` probe's values (logged steps)
 
 
 @dataclass
@@ -129,8 +131,11 @@ class TrainStep:
         grad_sync: called after the backward (e.g. :func:`mimkd.engine.distributed.all_reduce_gradients`
             for parts trained outside DDP).
 
-    Call it as ``step(images, labels, index, position=None)``; ``position`` (e.g. ``(epoch, step)``) is
-    reported back by :meth:`status` for the first step that stopped the run.
+    Call it as ``step(images, labels, index, position=None, inspect=None)``; ``position`` (e.g.
+    ``(epoch, step)``) is reported back by :meth:`status` for the first step that stopped the run.
+    ``inspect(logits, labels, terms)``, when given, runs after the forward and before the backward (on the
+    graph, which it must retain) and its dict is returned in :attr:`StepResult.grads`
+    (:class:`~mimkd.engine.term_grads.TermGradients`); it is skipped on a step refused as non-finite.
     """
 
     def __init__(
@@ -177,10 +182,11 @@ class TrainStep:
         labels: Tensor | None = None,
         index: Tensor | None = None,
         position: Any = None,
+        inspect: Callable[..., dict[str, Tensor]] | None = None,
     ) -> StepResult:
         """Run one step on a batch; see the class docstring."""
         try:
-            return self._run(images, labels, index, position)
+            return self._run(images, labels, index, position, inspect)
         except Exception as e:  # a torch.compile failure surfaces at the first step: one clear line
             where = type(e).__module__
             if where.startswith(("torch._dynamo", "torch._inductor")):
@@ -191,7 +197,9 @@ class TrainStep:
                 ) from None
             raise
 
-    def _run(self, images: Tensor, labels: Tensor | None, index: Tensor | None, position: Any) -> StepResult:
+    def _run(
+        self, images: Tensor, labels: Tensor | None, index: Tensor | None, position: Any, inspect: Any
+    ) -> StepResult:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits, terms = self.model(images, labels, index)
         if not terms:
@@ -210,11 +218,13 @@ class TrainStep:
             if bool(bad.any()):
                 self._refuse(bad, values, position)
                 return StepResult(out_logits, detached, total.detach(), bad, applied=False)
+            grads = inspect(logits, labels, terms) if inspect is not None else {}
             self._update(total)
-            return StepResult(out_logits, detached, total.detach(), bad, applied=True)
+            return StepResult(out_logits, detached, total.detach(), bad, applied=True, grads=grads)
         keep = self._deferred_flags(bad, values, position)
+        grads = inspect(logits, labels, terms) if inspect is not None else {}
         self._update(total)
-        return StepResult(out_logits, detached, total.detach(), bad, applied=None, keep=keep)
+        return StepResult(out_logits, detached, total.detach(), bad, applied=None, keep=keep, grads=grads)
 
     def _update(self, total: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from mimkd.config import RunConfig
 from mimkd.data import BatchIterator, ImageDataset, eval_batches
 from mimkd.data.loader import storage_device
 from mimkd.distillers.base import Distiller
-from mimkd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from mimkd.errors import CheckpointError, ConfigError, MimkdWarning, NonFiniteLossError
 from mimkd.evaluation.accuracy import topk_correct
 
 from . import distributed
@@ -53,9 +54,10 @@ from .distributed import DistInfo, evaluate_sharded
 from .identity import identity_mismatch, teacher_identity
 from .init_stages import InitProgress, run_init_stages
 from .logging import LaggedScalars, Meter, MetricsLog, NullLog, progress_bar, write_json
-from .recipe import build_optimizer, lr_at, set_lr
+from .recipe import build_optimizer, lr_at, param_groups, set_lr
 from .step import NonFiniteStatus, TrainStep, compile_distiller, resolve_check
 from .summary import build_summary
+from .term_grads import TermGradients
 
 __all__ = ["Trainer", "StudentInfo"]
 
@@ -125,7 +127,9 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
         self.check = resolve_check(t.nonfinite_check, device)
         self.optimizer = build_optimizer(
-            o, (p for _, p in distiller.trainable_named_parameters()), fused=self.check == "deferred"
+            o,
+            param_groups(distiller.trainable_named_parameters(), distiller.lr_scales()),
+            fused=self.check == "deferred",
         )
         self.lr_factor = float(self.dist.world_size) if o.scale_lr else 1.0
         if t.compile:
@@ -143,12 +147,24 @@ class Trainer:
         self.step = 0  # steps done in self.epoch
         self.global_step = 0
         self.meter = Meter()
+        self.grad_meter = Meter()  # the epoch's logged steps of train.log_term_grads
+        self.term_grads = self._term_grads()
         self.best = {"epoch": -1, "top1": -1.0, "top5": 0.0}
         self.best_networks: dict[str, dict[str, Any]] = {}  # the other networks' best epochs (DML, DCM)
         self.evaluates = distiller.uses_labels  # a label-free pre-training has no trained classifier
         self.skipped = 0
         self.wall_before = 0.0  # wall time of earlier sessions of this run (resume)
         self.teacher_identity = self._teacher_identity()
+
+    def _term_grads(self) -> TermGradients | None:
+        if not self.cfg.train.log_term_grads:
+            return None
+        if self.dist.world_size > 1:
+            raise ConfigError(
+                "train.log_term_grads runs extra backward passes outside DDP's gradient synchronisation: "
+                "use it in a single-process run (drop --set train.log_term_grads)"
+            )
+        return TermGradients(self.distiller.student)
 
     def _teacher_identity(self) -> dict[str, Any] | None:
         """What the run distils from (recorded in every checkpoint; a resume must find the same)."""
@@ -157,6 +173,14 @@ class Trainer:
             ident = teacher_identity(self.distiller.teacher, self.extra_summary.get("teacher"))
             self.extra_summary["teacher_identity"] = ident
         return ident
+
+    def _schedule_warnings(self) -> None:
+        """The method's warnings about this schedule (e.g. a memory bank's stale positives), one line each."""
+        images = (
+            self.cfg.optim.epochs * self.steps_per_epoch * self.cfg.optim.batch_size * self.dist.world_size
+        )
+        for message in self.distiller.schedule_warnings(images / max(len(self.train_set), 1)):
+            warnings.warn(message, MimkdWarning, stacklevel=2)
 
     # ------------------------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -184,7 +208,8 @@ class Trainer:
     def _state_tensors(self):
         yield from self.distiller.student.state_dict().values()
         yield from self.distiller.method_state_dict().values()
-        yield from self.optimizer.param_groups[0]["params"]  # momentum buffers: one per parameter
+        for group in self.optimizer.param_groups:  # momentum buffers: one per parameter
+            yield from group["params"]
 
     # ------------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -205,6 +230,7 @@ class Trainer:
             "global_step": self.global_step,
             "world_size": self.dist.world_size,
             "meter": self.meter.reduced().state_dict(),  # every rank's images (collective)
+            "grad_meter": self.grad_meter.state_dict(),
             "best": dict(self.best),
             "best_networks": {k: dict(v) for k, v in self.best_networks.items()},
             "skipped": self.skipped,
@@ -255,6 +281,8 @@ class Trainer:
         self.epoch, self.step, self.global_step = ck["epoch"], ck["step"], ck["global_step"]
         if self.is_main:  # the saved meter holds every rank's images: load it once
             self.meter.load_state_dict(ck["meter"], self.device)
+        if "grad_meter" in ck:
+            self.grad_meter.load_state_dict(ck["grad_meter"], self.device)
         self.best = ck["best"]
         self.best_networks = ck.get("best_networks", {})
         self.skipped = ck.get("skipped", 0)
@@ -271,6 +299,7 @@ class Trainer:
         self._t0 = time.time()
         if self.is_main:
             self.preflight()
+            self._schedule_warnings()
         distributed.barrier()
         last = self.run_dir / "last.pt"
         if resume and last.exists():
@@ -340,7 +369,14 @@ class Trainer:
                     break
                 set_lr(self.optimizer, lr_at(cfg.optim, epoch, self.step, spe) * self.lr_factor)
                 images = batch.images.contiguous(memory_format=self.memory_format)
-                out = self.train_step(images, batch.labels, batch.index, position=(epoch, self.step))
+                every = cfg.train.log_term_grads
+                probe = self.term_grads if every and self.global_step % every == 0 else None
+                out = self.train_step(
+                    images, batch.labels, batch.index, position=(epoch, self.step), inspect=probe
+                )
+                if out.grads:
+                    self.grad_meter.add(out.grads, 1, keep=out.keep)
+                    log.scalars(out.grads, self.global_step)
                 if out.applied is False:  # refused (check="step"): skipped, or the run stops here
                     self._after_refusal(self.train_step.status())
                     self.step += 1
@@ -402,6 +438,7 @@ class Trainer:
             "lr": lr_at(cfg.optim, self.epoch, 0, self.steps_per_epoch) * self.lr_factor,
         }
         record.update(self.meter.reduced().means())
+        record.update(self.grad_meter.means())
         last_epoch = self.epoch + 1 == cfg.optim.epochs
         if self.evaluates and ((self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
             self._evaluate_networks(record)
@@ -413,6 +450,7 @@ class Trainer:
         self.epoch += 1
         self.step = 0
         self.meter = Meter()
+        self.grad_meter = Meter()
         self.save()
 
     def _evaluate_networks(self, record: dict[str, Any]) -> None:

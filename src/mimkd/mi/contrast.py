@@ -19,6 +19,12 @@ Losses (``loss`` option):
   survives checkpoints.
 
 The loss is the sum of the chosen directions (``directions``: ``"both"``, ``"student"``, ``"teacher"``).
+
+Positive (``positive``): ``"bank"`` (CRD's and the paper's choice) scores the anchor against the sample's own
+bank row, written on the sample's last visit: one epoch stale, and a random vector throughout the first
+epoch. ``"live"`` scores it against the other network's embedding of the same image in the current batch,
+``<z_s,i, z_t,i>/τ`` in both directions (gradients reach both embeddings); the negatives still come from the
+banks. ``live`` is a deviation from CRD and MIMKD, offered for short schedules (``docs/mimkd.md``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,12 @@ from mimkd.errors import MethodError
 from .bounds import crd_nce_loss, infonce_loss
 from .memory import ClassAwareNegativeSampler, MemoryBank, mean_over_ranks
 
-__all__ = ["BankContrast"]
+__all__ = ["BankContrast", "MIN_VISITS", "MAX_NEGATIVE_SHARE"]
+
+#: fewer visits per sample than this over a run: the bank's positives are stale (a warning before training)
+MIN_VISITS = 20
+#: K above this share of the smallest other-class pool: the negatives are most of the pool (a warning)
+MAX_NEGATIVE_SHARE = 0.5
 
 
 class BankContrast(nn.Module):
@@ -48,6 +59,7 @@ class BankContrast(nn.Module):
         momentum: float = 0.5,
         loss: str = "infonce",
         directions: str = "both",
+        positive: str = "bank",
     ) -> None:
         super().__init__()
         if loss not in ("infonce", "nce"):
@@ -56,13 +68,16 @@ class BankContrast(nn.Module):
             raise MethodError(
                 f"BankContrast: directions must be 'both', 'student' or 'teacher', got {directions!r}"
             )
+        if positive not in ("bank", "live"):
+            raise MethodError(f"BankContrast: positive must be 'bank' or 'live', got {positive!r}")
         if temperature <= 0:
             raise MethodError(f"BankContrast: temperature must be > 0, got {temperature}")
         n = int(labels.numel())
-        self.loss_kind, self.directions = loss, directions
+        self.loss_kind, self.directions, self.positive = loss, directions, positive
         self.temperature = float(temperature)
         self.num_negatives = int(num_negatives)
         self.sampler = ClassAwareNegativeSampler(labels, num_negatives)
+        self.min_pool = n - int(torch.bincount(labels.reshape(-1).long()).max()) if n else 0
         self.bank_student = MemoryBank(n, dim, momentum)
         self.bank_teacher = MemoryBank(n, dim, momentum)
         # CRD's normalising constants, fixed at the first call (negative = not yet set)
@@ -75,12 +90,40 @@ class BankContrast(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"loss={self.loss_kind}, directions={self.directions}, K={self.num_negatives}, "
-            f"tau={self.temperature}"
+            f"loss={self.loss_kind}, directions={self.directions}, positive={self.positive}, "
+            f"K={self.num_negatives}, tau={self.temperature}"
         )
 
-    def _direction(self, z: Tensor, bank: MemoryBank, idx: Tensor, z_const: Tensor) -> tuple[Tensor, Tensor]:
-        logits = bank.scores(z, idx) / self.temperature  # B×(K+1), positive in column 0
+    def schedule_warnings(self, visits: float) -> list[str]:
+        """Warnings for a run that shows each sample ``visits`` times: negatives that are most of the
+        other-class pool (K > half of the smallest pool), and stale bank positives (fewer than
+        :data:`MIN_VISITS` visits, unless the positive is live)."""
+        out = []
+        k, pool, n = self.num_negatives, self.min_pool, self.num_samples
+        if k > MAX_NEGATIVE_SHARE * pool:
+            suggest = max(1, round(0.082 * n))
+            out.append(
+                f"K={k} bank negatives are {k / max(pool, 1):.0%} of the smallest other-class pool ({pool} "
+                f"of {n} samples), so every step contrasts against most of the training set; lower "
+                f"method.num_negatives, e.g. to {suggest} (8 % of the training set, as 4,096 of CIFAR-100's "
+                "50,000)"
+            )
+        if self.positive == "bank" and visits < MIN_VISITS:
+            out.append(
+                f"each training sample is seen {visits:.4g} times in this run, and the bank's positive for a "
+                f"sample is the row written on its previous visit (random until its first): train for at "
+                f"least {MIN_VISITS} epochs, or with mimkd use method.global_positive=live"
+            )
+        return out
+
+    def _direction(
+        self, z: Tensor, bank: MemoryBank, idx: Tensor, z_const: Tensor, other: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if self.positive == "live":  # the other network's current embedding of the same image
+            pos = (z * other.to(z.dtype)).sum(1, keepdim=True)
+            logits = torch.cat([pos.to(bank.memory.dtype), bank.scores(z, idx[:, 1:])], 1) / self.temperature
+        else:
+            logits = bank.scores(z, idx) / self.temperature  # B×(K+1), positive in column 0
         if self.loss_kind == "infonce":
             loss = infonce_loss(logits[:, 0], logits[:, 1:])
             return loss, math.log(logits.shape[1]) - loss.detach()
@@ -101,11 +144,11 @@ class BankContrast(nn.Module):
         idx = self.sampler.sample(index)
         losses, estimates = [], []
         if self.directions in ("both", "student"):
-            loss, est = self._direction(z_student, self.bank_teacher, idx, self.z_student_anchor)
+            loss, est = self._direction(z_student, self.bank_teacher, idx, self.z_student_anchor, z_teacher)
             losses.append(loss)
             estimates.append(est)
         if self.directions in ("both", "teacher"):
-            loss, est = self._direction(z_teacher, self.bank_student, idx, self.z_teacher_anchor)
+            loss, est = self._direction(z_teacher, self.bank_student, idx, self.z_teacher_anchor, z_student)
             losses.append(loss)
             estimates.append(est)
         self.bank_student.update(index, z_student)
