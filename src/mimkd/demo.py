@@ -258,7 +258,8 @@ def run_demo(
     ``teacher_epochs``, ``teacher_fraction`` and ``train_fraction`` shrink the protocol for smoke tests.
     ``methods`` (``{method: options}``, default the demo's vanilla/kd/mimkd) runs other methods on the same
     protocol (``experiments/baselines_fmnist.py``); a method with a ``runs_as`` key runs that registered
-    method under this row name (e.g. two option sets of one method). ``threads`` per run defaults to the
+    method under this row name (e.g. two option sets of one method), and a ``train`` key (a dict) sets
+    ``train.*`` options of that row's runs (e.g. ``log_term_grads``). ``threads`` per run defaults to the
     cores divided by ``workers`` (two studies side by side: ``workers=1, threads=1`` each).
     """
     t0 = time.time()
@@ -281,9 +282,11 @@ def run_demo(
     for method in reversed(list(methods)):
         opts = dict(methods[method])
         registered = opts.pop("runs_as", method)
+        train = opts.pop("train", {})
         for seed in range(seeds):
             cfg = _student_config(registered, seed, teacher_ckpt, out, epochs, fraction, opts)
             cfg["name"] = f"{method}_s{seed}"
+            cfg["train"].update(train)
             jobs.append((method, seed, cfg))
     print(
         f"[demo] students: {DEMO['student']} on {fraction:.0%} of Fashion-MNIST, "
