@@ -12,8 +12,9 @@ from torch import nn
 from mimkd.config import build_config
 from mimkd.engine.setup import run
 from mimkd.engine.term_grads import TermGradients, term_gradient_stats
+from mimkd.experiments.grad_plots import plot_term_gradients
 
-from helpers import needs_fmnist
+from helpers import needs_fmnist, run_cli
 
 
 def _net_and_terms():
@@ -99,6 +100,15 @@ def test_a_real_run_logs_every_term_and_trains_exactly_as_without(tiny_teacher, 
         assert torch.equal(a["model"][k], b["model"][k]), f"{k}: the diagnostics changed the training"
     events = list((tmp_path / "probed" / "tb").glob("events.*"))
     assert events, "no TensorBoard events"
+    # mimkd report RUN_DIR: the run's curves and a table of the diagnostics
+    out = run_cli("report", str(tmp_path / "probed")).stdout
+    assert "| mi_global |" in out and "| mi_feature |" in out and "ratio / cos" in out
+    assert (tmp_path / "probed" / "curves.png").stat().st_size > 10_000
+    fig = plot_term_gradients(
+        {"probed": [tmp_path / "probed"], "plain": [tmp_path / "plain"]}, tmp_path / "g.png", "t"
+    )
+    assert fig is not None and fig.stat().st_size > 10_000
+    assert plot_term_gradients({"plain": [tmp_path / "plain"]}, tmp_path / "none.png", "t") is None
 
 
 @needs_fmnist

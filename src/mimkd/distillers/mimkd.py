@@ -21,7 +21,11 @@ not recomputed) and the replicated teacher vector's contribution is computed onc
 (:meth:`~mimkd.mi.critics.ConcatConvCritic.pair_scores`); the bank scores come from one ``z @ Mᵀ``.
 
 Deviations from the paper (none stated there): logit KD off by default (``kd_weight=0``); critic
-initialisation is PyTorch's default; the spec's [PROPOSAL] choices above, each exposed as an option.
+initialisation is PyTorch's default; the [PROPOSAL] choices above, each exposed as an option. Remedies for
+short schedules and small data, all off by default (``docs/mimkd.md``): ``global_positive="live"`` (the bank
+term's positive from the current batch instead of the one-epoch-stale bank row), ``critic_warmup_epochs``
+(an init stage training the critics and heads with the student frozen), ``critic_lr_scale``; and the named
+variant ``mimkd+kd`` (a logit KD term, weight 1).
 """
 
 from __future__ import annotations

@@ -29,7 +29,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .report import report
+
+    if (Path(a.dir) / "metrics.jsonl").exists() and not (Path(a.dir) / "sweep.json").exists():
+        return _report_run(Path(a.dir), a)
 
     path = report(
         a.dir,
@@ -41,6 +46,29 @@ def cmd_report(a: argparse.Namespace) -> int:
     print(path.read_text())
     print(f"wrote {path} (+ report.json and PNGs beside it)")
     return 0
+
+
+def _report_run(run_dir, a: argparse.Namespace) -> int:
+    """``mimkd report RUN_DIR``: one run's curves (and its gradient diagnostics when it logged them)."""
+    from .grad_plots import epoch_records, grad_table, run_curves
+
+    out = run_dir / "curves.png" if a.out is None else _out_dir(a.out) / f"{run_dir.name}_curves.png"
+    path = None if a.no_plots else run_curves(run_dir, out)
+    table = grad_table(epoch_records(run_dir))
+    if table:
+        print("each term's gradient on the student: norm ratio to cross-entropy's / cosine with it\n")
+        print(table + "\n")
+    if path is not None:
+        print(f"wrote {path}")
+    return 0
+
+
+def _out_dir(out: str):
+    from pathlib import Path
+
+    p = Path(out)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +100,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "report",
         help="a study's table (mean ± std over seeds, last and best epoch, vs published) and plots",
     )
-    r.add_argument("dir", help="a study directory written by mimkd sweep (OUT/STUDY)")
+    r.add_argument(
+        "dir", help="a study directory written by mimkd sweep (OUT/STUDY), or one run directory (its curves)"
+    )
     r.add_argument("--compare-published", action="store_true", help="add the published numbers and deltas")
     r.add_argument("--out", help="directory for report.md, report.json and PNGs (default: DIR)")
     r.add_argument("--no-plots", action="store_true")

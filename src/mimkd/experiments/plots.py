@@ -13,7 +13,7 @@ from typing import Any
 from .pool import mean_std_of
 from .study import Study
 
-__all__ = ["training_curves", "ablation_contours", "accuracy_vs_latency"]
+__all__ = ["training_curves", "term_gradient_plots", "ablation_contours", "accuracy_vs_latency"]
 
 
 def _plt():
@@ -61,6 +61,28 @@ def training_curves(study: Study, records: list, dest: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    return paths
+
+
+def term_gradient_plots(study: Study, records: list, dest: Path) -> list[Path]:
+    """Per pair, each row's per-term gradient ratio and cosine to CE against epoch (mean over seeds), when
+    its runs logged them (``train.log_term_grads``)."""
+    from .grad_plots import plot_term_gradients
+
+    paths = []
+    for pair in study.pair_labels():
+        groups = {
+            row: [r.run_dir for r in records if r.kind == "student" and pair in r.pairs and r.row == row
+                  and not r.point and r.ok and r.run_dir is not None]
+            for row in study.spec.methods
+        }  # fmt: skip
+        path = plot_term_gradients(
+            {k: v for k, v in groups.items() if v},
+            dest / f"term_grads_{_safe(pair)}.png",
+            f"{study.name}: {pair}, each term's gradient on the student vs cross-entropy's (mean over seeds)",
+        )
+        if path is not None:
+            paths.append(path)
     return paths
 
 

@@ -40,6 +40,7 @@ class RunRecord:
     summary: dict[str, Any] | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
     started: bool = False  # its directory holds a checkpoint
+    run_dir: Path | None = None
 
     @property
     def outcome(self) -> str:
@@ -97,6 +98,7 @@ def collect(study_dir: str | Path) -> tuple[Study, list[RunRecord]]:
                     probes[f"probe.{res['dataset']}"] = res["test_top1"]
             rec.summary["probes"] = probes
         rec.curve = _curve(run_dir / "metrics.jsonl")
+        rec.run_dir = run_dir
         rec.started = (run_dir / "last.pt").exists()
         records.append(rec)
     return study, records
@@ -269,6 +271,7 @@ def report(
         from . import plots as P
 
         pictures += P.training_curves(study, records, dest)
+        pictures += P.term_gradient_plots(study, records, dest)
         pictures += P.ablation_contours(study, entries, dest)
         lat = _latencies(study, records, Path(study_dir)) if measure_latency else {}
         pictures += P.accuracy_vs_latency(study, entries, lat, dest)
