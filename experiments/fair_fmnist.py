@@ -118,7 +118,56 @@ def main() -> None:
     (results / f"{args.stage}.md").write_text(head + "\n" + rest + "\n")
     (results / f"{args.stage}.json").write_text(json.dumps(res, indent=2) + "\n")
     shutil.copy(out / f"{args.stage}.png", results / f"{args.stage}.png")
+    if args.stage == "table":
+        _term_gradients(out / "runs", rows, args.seeds or seeds, results / "term_grads.png")
+    if args.stage == "ablation":
+        _ablation_grid(res["rows"], results / "ablation_grid.png")
     print(f"wrote {results / args.stage}.md")
+
+
+def _term_gradients(runs: Path, rows: dict, seeds: int, path: Path) -> None:
+    """MIMKD against MIMKD with the remedies: each term's gradient ratio and cosine to CE's."""
+    from mimkd.experiments.grad_plots import plot_term_gradients
+
+    groups = {r: [runs / f"{r}_s{s}" for s in range(seeds)] for r in rows if r.startswith("mimkd")}
+    title = "MIMKD on the fair stand-in: each term's gradient on the student vs CE's (mean over seeds)"
+    plot_term_gradients({k: [d for d in v if d.exists()] for k, v in groups.items()}, path, title)
+
+
+def _ablation_grid(rows: list[dict], path: Path) -> None:
+    """Last-epoch accuracy over (lambda_l, lambda_f), one panel per lambda_g, as the paper's ablation."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for r in rows:
+        m = re.search(r"lambda_g=([\d.]+),lambda_l=([\d.]+),lambda_f=([\d.]+)", r["method"])
+        if m and r["runs"]:
+            cells[tuple(float(v) for v in m.groups())] = r["last_mean"]
+    if not cells:
+        return
+    grid = (0.0, 0.5, 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    lo, hi = min(cells.values()), max(cells.values())
+    for ax, g in zip(axes, (0.0, 1.0)):
+        values = [[cells.get((g, lam, f), float("nan")) for f in grid] for lam in grid]
+        im = ax.imshow(values, origin="lower", cmap="viridis", vmin=lo, vmax=hi)
+        for i in range(3):
+            for j in range(3):
+                ax.text(j, i, f"{values[i][j]:.2f}", ha="center", va="center", color="white", fontsize=9)
+        ax.set_xticks(range(3), [str(f) for f in grid])
+        ax.set_yticks(range(3), [str(v) for v in grid])
+        ax.set_xlabel("lambda_f")
+        ax.set_ylabel("lambda_l")
+        ax.set_title(f"lambda_g = {g:g} (JSD global term)", fontsize=10)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="last-epoch top-1 (%)")
+    fig.suptitle(f"MIMKD lambda ablation, fair stand-in ({EPOCHS} epochs, 1 seed)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
