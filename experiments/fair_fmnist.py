@@ -3,7 +3,7 @@
     python experiments/fair_fmnist.py sweep      # MIMKD critic width 32 / 128 / 512, seed 0
     python experiments/fair_fmnist.py table      # the headline rows, 3 seeds (--seeds 5 to tighten)
     python experiments/fair_fmnist.py ablation   # the lambda grid with the JSD global term, seed 0
-    [--rows a,b,...] [--out runs/fair_fmnist] [--workers 2] [--threads 1]
+    [--rows a,b,... | --part I/N] [--seeds N] [--out runs/fair_fmnist] [--workers 2] [--threads 1]
 
 What differs from the demo's protocol (``mimkd demo``: the same teacher, student and 10 % of the training
 set) and why:
@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=list(STAGES))
     ap.add_argument("--rows", default=None, help="comma-separated rows of the stage (default: all)")
+    ap.add_argument("--part", default=None, help="I/N: only every N-th row from the I-th (1-based), e.g. 1/2")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
@@ -99,6 +100,9 @@ def main() -> None:
     rows, seeds = STAGES[args.stage]
     if args.rows:
         rows = {r: rows[r] for r in args.rows.split(",")}
+    if args.part:  # two processes side by side, one core each (ablation rows hold commas: no --rows)
+        i, n = (int(v) for v in args.part.split("/"))
+        rows = dict(list(rows.items())[i - 1 :: n])
     out = Path(args.out) / args.stage
     res = run_demo(
         out_dir=str(out),
