@@ -108,6 +108,7 @@ def main() -> None:
         out_dir=str(out),
         seeds=args.seeds or seeds,
         epochs=EPOCHS,
+        train_fraction=N_TRAIN / 60000,
         workers=args.workers,
         threads=args.threads,
         methods=rows,

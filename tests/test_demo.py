@@ -60,7 +60,7 @@ def test_demo_smoke_real_data(tmp_path):
         train_fraction=0.02,
     )
     rows = {r["method"]: r for r in res["rows"]}
-    assert set(rows) == {"vanilla", "kd", "mimkd"}
+    assert set(rows) == {"vanilla", "kd", "mimkd", "mimkd+kd"}
     for r in rows.values():
         assert r["runs"] == 1 and r["last_mean"] > 15.0  # above the 10 % chance level after one epoch
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 5000

@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_describe)
 
-    m = sub.add_parser("demo", help="the embedded default: vanilla vs kd vs mimkd on Fashion-MNIST")
+    m = sub.add_parser("demo", help="the embedded default: vanilla, kd, mimkd and mimkd+kd on Fashion-MNIST")
     m.add_argument("--out", default="runs/demo", help="where runs, table and plot go")
     m.add_argument("--cache", default=None, help="teacher cache directory (default: ~/.cache/mimkd)")
     m.add_argument("--seeds", type=int, default=3)
