@@ -82,7 +82,7 @@ def test_bank_warnings_fire_exactly_at_the_thresholds():
     [w] = above.schedule_warnings(MIN_VISITS)
     assert "K=46" in w and "90" in w and "method.num_negatives" in w
     [w] = at.schedule_warnings(MIN_VISITS - 0.01)
-    assert "19.99 times" in w and "global_positive=live" in w
+    assert "19.99 times" in w and "critic_warmup_epochs" in w
     live = BankContrast(labels, dim=4, num_negatives=45, positive="live")
     assert live.schedule_warnings(1.0) == []  # a live positive is never stale
 

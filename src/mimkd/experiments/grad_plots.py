@@ -69,12 +69,16 @@ def plot_term_gradients(groups: dict[str, list[Path]], path: Path, title: str) -
         return None
     plt = _plt()
     fig, axes = plt.subplots(2, len(terms), figsize=(3.6 * len(terms) + 0.6, 6.2), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {label: cycle[i % len(cycle)] for i, label in enumerate(runs)}  # one colour per row everywhere
     for col, term in enumerate(terms):
         for label, recs in runs.items():
             for row, stat in enumerate(("ratio_ce", "cos_ce")):
                 x, y = _mean_series(recs, f"grad.{term}.{stat}")
                 if x:
-                    axes[row][col].plot(x, y, marker="o", markersize=2, linewidth=1.2, label=label)
+                    axes[row][col].plot(
+                        x, y, marker="o", markersize=2, linewidth=1.2, label=label, color=colour[label]
+                    )
         axes[0][col].set_title(term, fontsize=10)
         axes[0][col].set_yscale("log")
         axes[0][col].axhline(1.0, color="black", lw=0.7, ls="--")
@@ -85,13 +89,11 @@ def plot_term_gradients(groups: dict[str, list[Path]], path: Path, title: str) -
             ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("‖∇ term‖ / ‖∇ CE‖ (student)")
     axes[1][0].set_ylabel("cos(∇ term, ∇ CE)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if not handles:
-        for ax in axes[0]:
-            handles, labels = ax.get_legend_handles_labels()
-            if handles:
-                break
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 6), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)

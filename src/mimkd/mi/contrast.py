@@ -112,7 +112,8 @@ class BankContrast(nn.Module):
             out.append(
                 f"each training sample is seen {visits:.4g} times in this run, and the bank's positive for a "
                 f"sample is the row written on its previous visit (random until its first): train for at "
-                f"least {MIN_VISITS} epochs, or with mimkd use method.global_positive=live"
+                f"least {MIN_VISITS} epochs (with mimkd, method.critic_warmup_epochs=2 also fills the bank "
+                "before the first epoch)"
             )
         return out
 
