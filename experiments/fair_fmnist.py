@@ -26,8 +26,8 @@ directory under ``OUT/<stage>/runs`` (finished runs are read back, interrupted o
 from __future__ import annotations
 
 import argparse
+import glob
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
     ap.add_argument("--out", default="runs/fair_fmnist")
     ap.add_argument("--results", default="results/fair_fmnist")
+    ap.add_argument("--collect", action="store_true", help="train nothing: tabulate the finished runs")
     args = ap.parse_args()
     rows, seeds = STAGES[args.stage]
     if args.rows:
@@ -104,30 +105,59 @@ def main() -> None:
         i, n = (int(v) for v in args.part.split("/"))
         rows = dict(list(rows.items())[i - 1 :: n])
     out = Path(args.out) / args.stage
-    res = run_demo(
-        out_dir=str(out),
-        seeds=args.seeds or seeds,
-        epochs=EPOCHS,
-        train_fraction=N_TRAIN / 60000,
-        workers=args.workers,
-        threads=args.threads,
-        methods=rows,
-        plot_name=f"{args.stage}.png",
-    )
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    table = (out / "results.md").read_text()
-    run_minutes = sum(r["seconds_per_run"] * r["runs"] for r in res["rows"] if r["runs"]) / 60
-    head, _, rest = table.partition("\n")
-    head = head.split("; demo wall time")[0] + f"; {run_minutes:.0f} run-minutes in total (2 at a time)"
-    (results / f"{args.stage}.md").write_text(head + "\n" + rest + "\n")
-    (results / f"{args.stage}.json").write_text(json.dumps(res, indent=2) + "\n")
-    shutil.copy(out / f"{args.stage}.png", results / f"{args.stage}.png")
+    if args.collect:
+        res = _collect(out / "runs", rows)
+    else:
+        res = run_demo(
+            out_dir=str(out),
+            seeds=args.seeds or seeds,
+            epochs=EPOCHS,
+            train_fraction=N_TRAIN / 60000,
+            workers=args.workers,
+            threads=args.threads,
+            methods=rows,
+            plot_name=f"{args.stage}.png",
+        )
+    _write_results(res, Path(args.results), args.stage)
     if args.stage == "table":
-        _term_gradients(out / "runs", rows, args.seeds or seeds, results / "term_grads.png")
+        _term_gradients(out / "runs", rows, 5, Path(args.results) / "term_grads.png")
     if args.stage == "ablation":
-        _ablation_grid(res["rows"], results / "ablation_grid.png")
-    print(f"wrote {results / args.stage}.md")
+        _ablation_grid(res["rows"], Path(args.results) / "ablation_grid.png")
+    print(f"wrote {Path(args.results) / args.stage}.md")
+
+
+def _collect(runs: Path, rows: dict) -> dict:
+    """Every finished run of the stage's rows, whatever its seed count (nothing is trained)."""
+    from mimkd.demo import summarise
+    from mimkd.experiments.pool import finished_summary
+
+    summaries = {
+        row: [s for d in sorted(runs.glob(f"{glob.escape(row)}_s*")) if (s := finished_summary(d, EPOCHS))]
+        for row in rows
+    }
+    teacher = json.loads(next(runs.glob("*_s0/summary.json")).read_text()).get("teacher_test_top1")
+    return {"rows": summarise(summaries), "teacher": {"test_top1": teacher}, "collected": True}
+
+
+def _write_results(res: dict, results: Path, stage: str) -> None:
+    from mimkd.demo import DEMO, format_table, plot
+
+    rows = res["rows"]
+    results.mkdir(parents=True, exist_ok=True)
+    minutes = sum(r["seconds_per_run"] * r["runs"] for r in rows if r["runs"]) / 60
+    seeds = sorted({r["runs"] for r in rows if r["runs"]})
+    header = (
+        f"Fair Fashion-MNIST stand-in: teacher {DEMO['teacher']['arch']} -> student {DEMO['student']}, "
+        f"{N_TRAIN} training images, {EPOCHS} epochs, K as a share of the set as on CIFAR-100 (MIMKD "
+        f"{K_MIMKD}, CRD {K_CRD}), critic width {WIDTH}; seeds per row: {'/'.join(map(str, seeds))} "
+        f"(column runs); {minutes:.0f} run-minutes, 2 runs at a time on 2 cores"
+    )
+    text = format_table(rows, header)
+    (results / f"{stage}.md").write_text(text + "\n")
+    (results / f"{stage}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    title = f"{DEMO['student']}, {N_TRAIN} Fashion-MNIST images, {EPOCHS} epochs (fair stand-in)"
+    plot(rows, (res.get("teacher") or {}).get("test_top1"), results / f"{stage}.png", title)
+    print(text)
 
 
 def _term_gradients(runs: Path, rows: dict, seeds: int, path: Path) -> None:
