@@ -143,6 +143,10 @@ def _write_results(res: dict, results: Path, stage: str) -> None:
     from mimkd.demo import DEMO, format_table, plot
 
     rows = res["rows"]
+    base = next((r for r in rows if "lambda_g=0,lambda_l=0,lambda_f=0]" in r["method"] and r["runs"]), None)
+    if base is not None:  # the ablation: every MI weight 0 is the vanilla student (CE alone)
+        for r in rows:
+            r["gain_vs_vanilla"] = r["last_mean"] - base["last_mean"]
     results.mkdir(parents=True, exist_ok=True)
     minutes = sum(r["seconds_per_run"] * r["runs"] for r in rows if r["runs"]) / 60
     seeds = sorted({r["runs"] for r in rows if r["runs"]})
@@ -193,11 +197,13 @@ def _ablation_grid(rows: list[dict], path: Path) -> None:
         im = ax.imshow(values, origin="lower", cmap="viridis", vmin=lo, vmax=hi)
         for i in range(3):
             for j in range(3):
-                ax.text(j, i, f"{values[i][j]:.2f}", ha="center", va="center", color="white", fontsize=9)
+                v = values[i][j]
+                ink = "black" if v == v and v > (lo + hi) / 2 else "white"  # v == v: not NaN
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color=ink, fontsize=9)
         ax.set_xticks(range(3), [str(f) for f in grid])
         ax.set_yticks(range(3), [str(v) for v in grid])
         ax.set_xlabel("lambda_f")
-        ax.set_ylabel("lambda_l")
+        ax.set_ylabel("lambda_l" if g == 0.0 else "")
         ax.set_title(f"lambda_g = {g:g} (JSD global term)", fontsize=10)
     fig.colorbar(im, ax=axes, shrink=0.8, label="last-epoch top-1 (%)")
     fig.suptitle(f"MIMKD lambda ablation, fair stand-in ({EPOCHS} epochs, 1 seed)", fontsize=10)
