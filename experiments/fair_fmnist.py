@@ -168,7 +168,9 @@ def _term_gradients(runs: Path, rows: dict, seeds: int, path: Path) -> None:
     """MIMKD against MIMKD with the remedies: each term's gradient ratio and cosine to CE's."""
     from mimkd.experiments.grad_plots import plot_term_gradients
 
-    groups = {r: [runs / f"{r}_s{s}" for s in range(seeds)] for r in rows if r.startswith("mimkd")}
+    # rows with another CE weight are left out: their ratios are to a CE term of another size
+    mimkd = [r for r, o in rows.items() if r.startswith("mimkd") and o.get("ce_weight", 1.0) == 1.0]
+    groups = {r: [runs / f"{r}_s{s}" for s in range(seeds)] for r in mimkd}
     title = "MIMKD on the fair stand-in: each term's gradient on the student vs CE's (mean over seeds)"
     plot_term_gradients({k: [d for d in v if d.exists()] for k, v in groups.items()}, path, title)
 
