@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 LOG4 = math.log(4.0)
-"""``2 log 2``: the constant by which Deep InfoMax's shifted JSD estimate exceeds Eq. 2 (spec §1.2)."""
+"""``2 log 2``: the constant by which Deep InfoMax's shifted JSD estimate exceeds Eq. 2."""
 
 
 def _check_tensor(name: str, x: object, fn: str) -> Tensor:
@@ -56,12 +56,12 @@ def _check_pos_neg(pos: object, neg: object, fn: str) -> tuple[Tensor, Tensor]:
 
 # ----------------------------------------------------------------------------------------------------- JSD
 def jsd_bound(pos: Tensor, neg: Tensor, shift: bool = False) -> Tensor:
-    """Jensen-Shannon MI lower bound (spec §1.2, Eq. 2): ``E_pos[-sp(-T)] - E_neg[sp(T)]``.
+    """Jensen-Shannon MI lower bound (MIMKD Eq. 2): ``E_pos[-sp(-T)] - E_neg[sp(T)]``.
 
     ``pos`` and ``neg`` may have any (and different) shapes, e.g. ``B×1×m×m`` score maps or ``B`` vectors;
     each expectation is the mean over all elements of its own tensor, so one shuffled negative per positive
     (§1.3) and DIM's all-pairs negatives (``B×(B-1)``) are both handled. The value is ``≤ 0``; it equals
-    ``-log 4`` when all scores are 0 (spec §4).
+    ``-log 4`` when all scores are 0.
 
     ``shift=True`` returns Deep InfoMax's shifted version (positive term ``log 2 - sp(-T)``, negative term
     ``sp(T) - log 2``), which is exactly ``log 4`` larger; gradients are identical.
@@ -73,7 +73,7 @@ def jsd_bound(pos: Tensor, neg: Tensor, shift: bool = False) -> Tensor:
 
 
 def jsd_loss(pos: Tensor, neg: Tensor, shift: bool = False) -> Tensor:
-    """Loss to minimise for the JSD bound: ``mean sp(-T_pos) + mean sp(T_neg)`` = ``-jsd_bound`` (spec §1.2).
+    """Loss to minimise for the JSD bound: ``mean sp(-T_pos) + mean sp(T_neg)`` = ``-jsd_bound``.
 
     Equal to ``BCEWithLogits(T_pos, 1) + BCEWithLogits(T_neg, 0)`` with each term averaged separately.
     ``shift=True`` subtracts ``log 4`` (the negated DIM-shifted bound).
@@ -83,7 +83,7 @@ def jsd_loss(pos: Tensor, neg: Tensor, shift: bool = False) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------- infoNCE
 def infonce_bound(pos: Tensor, neg: Tensor) -> Tensor:
-    """infoNCE MI lower bound (spec §1.2, Eq. 1): ``mean_b[T_b - logsumexp(T_b, N_b)] + log(K+1)``.
+    """infoNCE MI lower bound (MIMKD Eq. 1): ``mean_b[T_b - logsumexp(T_b, N_b)] + log(K+1)``.
 
     ``pos``: scores of the positive pairs, shape ``(B,)``; ``neg``: shape ``(B, K)``, row ``b`` holding the K
     negatives of anchor ``b`` (more leading dimensions are allowed as long as ``neg.shape[:-1] ==
@@ -96,7 +96,7 @@ def infonce_bound(pos: Tensor, neg: Tensor) -> Tensor:
 
 
 def infonce_loss(pos: Tensor, neg: Tensor) -> Tensor:
-    """Softmax cross-entropy over ``[T_pos, T_neg...]`` with the positive at index 0 (spec §1.2, §1.3).
+    """Softmax cross-entropy over ``[T_pos, T_neg...]`` with the positive at index 0.
 
     Equals ``log(K+1) - infonce_bound(pos, neg)``; shapes as in :func:`infonce_bound`.
     """
@@ -108,7 +108,7 @@ def infonce_loss(pos: Tensor, neg: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------------ DV
 def dv_bound(pos: Tensor, neg: Tensor) -> Tensor:
-    """Donsker-Varadhan bound as in Deep InfoMax (spec §3.5): ``E_pos[T] - (logsumexp(T_neg) - log N_neg)``.
+    """Donsker-Varadhan bound (Deep InfoMax): ``E_pos[T] - (logsumexp(T_neg) - log N_neg)``.
 
     The log-mean-exp runs over *all* negative scores together (every element of ``neg``); ``pos`` is averaged
     over all its elements. Shapes are free.
@@ -125,14 +125,14 @@ def dv_bound(pos: Tensor, neg: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------- CRD-NCE
 def crd_nce_loss(pos_prob: Tensor, neg_prob: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
-    """CRD's NCE loss for one anchor direction (spec §2.3, CRD; RepDistiller ``crd/criterion.py``).
+    """CRD's NCE loss for one anchor direction (Tian et al. 2020; RepDistiller ``crd/criterion.py``).
 
     Inputs are *normalised* scores ``P = exp(s/τ)/Z`` (not logits): ``pos_prob`` of shape ``(B,)`` and
     ``neg_prob`` of shape ``(B, K)``. With noise probability ``K/N`` (``N = n_data``)::
 
         loss = -mean_b [ log(P_0 / (P_0 + K/N + eps)) + Σ_k log((K/N) / (P_k + K/N + eps)) ]
 
-    With every ``P = 1/N`` and ``eps = 0`` this is ``log(K+1) + K·log((K+1)/K)`` (spec §4).
+    With every ``P = 1/N`` and ``eps = 0`` this is ``log(K+1) + K·log((K+1)/K)``.
     """
     pos_prob, neg_prob = _check_pos_neg(pos_prob, neg_prob, "crd_nce_loss")
     if pos_prob.dim() != 1:

@@ -1,4 +1,4 @@
-"""Contrast against a momentum memory bank in both directions (spec §1.3; CRD's machinery, §2.3).
+"""Contrast against a momentum memory bank in both directions (CRD's machinery; docs/mimkd.md).
 
 :class:`BankContrast` holds one :class:`~mimkd.mi.memory.MemoryBank` per network and a
 :class:`~mimkd.mi.memory.ClassAwareNegativeSampler`. Given the L2-normalised embeddings ``z_s`` (student) and
@@ -12,8 +12,8 @@ negatives come from other classes), turns the scores into a loss, then updates b
 
 Losses (``loss`` option):
 
-* ``"infonce"`` — softmax cross-entropy over the 1+K logits, positive at index 0 (MIMKD Eq. 1, the spec's
-  [PROPOSAL] for the global term). The MI estimate is ``log(K+1) − CE`` nats per direction.
+* ``"infonce"`` — softmax cross-entropy over the 1+K logits, positive at index 0 (MIMKD Eq. 1, our
+  choice for the global term, docs/mimkd.md). The MI estimate is ``log(K+1) − CE`` nats per direction.
 * ``"nce"`` — CRD's NCE: ``P = exp(score)/Z`` with ``Z`` fixed at the first call to
   ``mean(exp(score))·N`` per direction, and :func:`~mimkd.mi.bounds.crd_nce_loss`. ``Z`` is a buffer, so it
   survives checkpoints.

@@ -1,4 +1,4 @@
-"""Negative pairs inside a mini-batch (spec §1.3).
+"""Negative pairs inside a mini-batch (docs/mimkd.md).
 
 MIMKD's JSD terms use exactly one negative per positive: the student tensor of image ``b`` paired with the
 teacher tensor of image ``perm[b]``, where ``perm`` is a derangement (a permutation without fixed points), so
@@ -56,7 +56,7 @@ def derangement(
 def roll_derangement(
     batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
 ) -> Tensor:
-    """``perm[b] = (b + r) mod B`` with a random offset ``r`` uniform in ``[1, B-1]`` (spec §1.3 alternative).
+    """``perm[b] = (b + r) mod B`` with a random offset ``r`` uniform in ``[1, B-1]`` (a cheap alternative).
 
     A derangement, but not a uniformly random one: only ``B-1`` of them are reachable.
     """
