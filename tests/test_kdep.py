@@ -286,12 +286,12 @@ def test_labels_never_reach_kdep_and_resume_is_exact(tiny_teacher, tmp_path, mon
     forward, offline = KDEP.forward, KDEP.offline_pass
     crash_at = {"n": -1, "calls": 0}
 
-    def spy_forward(self, images, labels=None, index=None):
+    def spy_forward(self, images, labels=None, index=None, ctx=None):
         seen.append(labels)
         crash_at["calls"] += 1
         if crash_at["calls"] == crash_at["n"]:
             raise Crash("simulated crash")
-        return forward(self, images, labels, index)
+        return forward(self, images, labels, index, ctx)
 
     def spy_offline(self, batches, num_batches, run_dir):
         passes.append(num_batches)

@@ -13,7 +13,6 @@ import torch
 from mimkd.config import build_config
 from mimkd.distillers import build_distiller
 from mimkd.distillers.mimkd import MIMKD
-from mimkd.engine.init_stages import run_init_stages
 from mimkd.engine.logging import NullLog
 from mimkd.engine.recipe import set_lr
 from mimkd.engine.setup import StudentInfo, prepare, run
@@ -156,7 +155,7 @@ def test_warmup_leaves_the_student_bit_identical_and_moves_the_critics(tiny_teac
     p.run_dir.mkdir(parents=True)
     student = copy.deepcopy(p.distiller.student.state_dict())
     method = copy.deepcopy(p.distiller.method_state_dict())
-    run_init_stages(trainer, NullLog())
+    trainer.run_init_stages(NullLog())
     for k, v in p.distiller.student.state_dict().items():  # weights and BatchNorm statistics
         assert torch.equal(v, student[k]), f"student {k} changed during the critic warm-up"
     after = p.distiller.method_state_dict()

@@ -18,19 +18,12 @@ import torch.nn as nn
 
 from mimkd.config import build_config
 from mimkd.engine.checkpoint import FORMAT, VERSION
+from mimkd.engine.linear_probe import linear_probe, probe_milestones, write_probe_result
 from mimkd.engine.setup import run
 from mimkd.errors import CheckpointError, DataError, MimkdError, ModelError
-from mimkd.evaluation.probe import (
-    LUMA,
-    adapt_images,
-    default_output,
-    linear_probe,
-    probe_milestones,
-    register_cli,
-    student_input_spec,
-    write_probe_result,
-)
+from mimkd.evaluation.probe import LUMA, adapt_images, default_output, student_input_spec
 from mimkd.models import build_network
+from mimkd.probe_command import register_cli
 
 from helpers import needs_fmnist
 

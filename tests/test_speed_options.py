@@ -232,14 +232,15 @@ def test_cuda_step_and_batches_never_synchronise(fmnist, precision):
 
 
 # -------------------------------------------------------------------------------------------- compile
-def test_compile_leaves_tapped_networks_eager(fmnist):
-    """kd's networks are compiled; MIMKD's feature-tapped networks stay eager (see compile_distiller)."""
+def test_compile_compiles_tapped_networks_too(fmnist):
+    """kd's networks are compiled, and so are MIMKD's feature-tapped ones (scoped capture, compile_distiller);
+    a compiled feature method matching eager is tests/test_feature_scope.py."""
     from mimkd.engine.step import compile_distiller
 
     kd = compile_distiller(_distiller("kd", fmnist))
     assert kd.student._compiled_call_impl is not None and kd.teacher._compiled_call_impl is not None
     mi = compile_distiller(_distiller("mimkd", fmnist, critic_width=16, num_negatives=32))
-    assert mi.student._compiled_call_impl is None and mi.teacher._compiled_call_impl is None
+    assert mi.student._compiled_call_impl is not None and mi.teacher._compiled_call_impl is not None
     assert mi.local_critic._compiled_call_impl is not None
 
 

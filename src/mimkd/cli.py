@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_demo)
 
     from mimkd.evaluation.bench import register_cli as add_bench_command
-    from mimkd.evaluation.probe import register_cli as add_probe_command
     from mimkd.experiments.cli import register_cli as add_study_commands
+    from mimkd.probe_command import register_cli as add_probe_command
 
     add_study_commands(sub)
     add_probe_command(sub)

@@ -92,11 +92,7 @@ def describe(
     t_params = count_parameters(t_net) if t_net is not None else 0
     # the method's own parameters, trained in the main stage or in an init stage (AB's connectors, FT's
     # paraphraser)
-    extra = sum(
-        p.numel()
-        for name, p in d.named_parameters()
-        if p.requires_grad and not name.startswith(("student.", "teacher."))
-    )
+    extra = sum(p.numel() for name, p in d.named_parameters() if p.requires_grad and d.is_method_state(name))
     info = d.describe()
     info.update(
         {

@@ -9,16 +9,24 @@ Without explicit points, a zoo model's declared :class:`~mimkd.models.registry.F
 foreign model is probed once (:func:`discover_points`): the stage outputs are the last module (in execution
 order) at each spatial resolution, and the embedding is the input of the last ``nn.Linear`` that runs.
 
+Capture is scoped: the hooks record only inside :meth:`FeatureTap.capture` (``tap.run(x)`` opens it for one
+forward pass). Outside it (evaluation, export, a user's own forward) they return at once and hold nothing,
+and a network carrying a tap compiles like any other (``train.compile``; dynamo keeps one graph with
+recording on and one with it off).
+
 A captured tensor must still hold the value it had at its hook point when it is read. An in-place operation
 after the hook point (``nn.ReLU(inplace=True)`` right after a hooked BatchNorm, ``out += identity``) would
 silently change it; the tap records each tensor's version counter and raises if it moved, naming the point.
+Inside a compiled network the counters are not recorded (the compiler reproduces eager semantics, and every
+tap's points are checked eagerly when a distiller probes them at construction).
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -88,8 +96,9 @@ class FeatureTap:
             models), otherwise the points found by :func:`discover_points` (needs ``sample_input``).
         sample_input: a probe batch, only needed to discover the points of a model that declares none.
 
-    Use ``tap(x)`` (or run the model yourself) and read ``tap.features`` (an ordered ``{point: tensor}``),
-    or ``logits, feats = tap.run(x)``. ``tap.remove()`` detaches the hooks.
+    Use ``logits, feats = tap.run(x)`` (or ``tap(x)``), or run the model yourself inside ``with
+    tap.capture():`` and read ``tap.features`` (an ordered ``{point: tensor}``). The values of the last
+    capture stay readable until the next one or :meth:`clear`. ``tap.remove()`` detaches the hooks.
     """
 
     def __init__(
@@ -104,7 +113,8 @@ class FeatureTap:
             points = [*fp.stages, *(p for p in fp.preact if p), fp.embedding]
         self.points: list[str] = list(OrderedDict.fromkeys(points))
         self._values: dict[str, torch.Tensor] = {}
-        self._versions: dict[str, int] = {}
+        self._versions: dict[str, int | None] = {}
+        self._active = False
         modules = dict(model.named_modules())
         by_module: dict[str, list[tuple[str, bool]]] = {}
         for point in self.points:
@@ -130,7 +140,10 @@ class FeatureTap:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = {} if key in ("_values", "_versions") else copy.deepcopy(value, memo)
+            if key in ("_values", "_versions"):
+                new.__dict__[key] = {}
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
         return new
 
     def _store(self, point: str, value) -> None:
@@ -139,7 +152,19 @@ class FeatureTap:
         if not isinstance(value, torch.Tensor):
             raise ModelError(f"feature point {point!r} produced {type(value).__name__}, not a tensor")
         self._values[point] = value
-        self._versions[point] = value._version
+        # dynamo would trace the counter as a constant: a compiled network is checked eagerly at probe time
+        self._versions[point] = None if torch.compiler.is_compiling() else value._version
+
+    @contextmanager
+    def capture(self) -> Iterator[FeatureTap]:
+        """Record the points during the forward passes run inside this block (the previous values are
+        cleared on entry); outside it the hooks record nothing."""
+        self.clear()
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
 
     @property
     def features(self) -> OrderedDict[str, torch.Tensor]:
@@ -151,7 +176,8 @@ class FeatureTap:
                     f"feature point {point!r} did not run in the last forward pass (is the module used?)"
                 )
             value = self._values[point]
-            if value._version != self._versions[point]:
+            version = self._versions[point]
+            if version is not None and value._version != version:
                 raise ModelError(
                     f"feature point {point!r} was modified in place after it was captured (an in-place "
                     "operation such as ReLU(inplace=True) or '+=' follows it). Hook a later module, or make "
@@ -165,9 +191,9 @@ class FeatureTap:
         self._versions.clear()
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, OrderedDict[str, torch.Tensor]]:
-        """Forward ``x`` through the model; return its output and the captured features."""
-        self.clear()
-        out = self.model(x)
+        """Forward ``x`` through the model inside one :meth:`capture`; return its output and the features."""
+        with self.capture():
+            out = self.model(x)
         return out, self.features
 
     __call__ = run
@@ -199,6 +225,8 @@ class _Capture:
         self.tap, self.point, self.is_input = tap, point, is_input
 
     def __call__(self, module: nn.Module, inputs, output=None) -> None:
+        if not self.tap._active:  # outside FeatureTap.capture: evaluation, export, a plain forward
+            return
         if self.is_input:
             self.tap._store(self.point, inputs[0] if inputs else None)
         else:

@@ -6,14 +6,16 @@ Every module of this package is imported here, so a new method file registers it
 import importlib
 import pkgutil
 
-from .base import DistillContext, Distiller, InitStage, MethodOptions
+from .base import Capabilities, DistillContext, Distiller, InitStage, MethodOptions, StepContext
 from .registry import available, build_distiller, get_method, register_distiller, validate_options
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
+    "Capabilities",
     "Distiller",
+    "StepContext",
     "DistillContext",
     "InitStage",
     "MethodOptions",

@@ -1,4 +1,4 @@
-"""``ab``: activation-boundary distillation (Heo et al.; spec §2.3, RepDistiller ``ABLoss`` + ``Connector``).
+"""``ab``: activation-boundary distillation (Heo et al.; docs/methods/ab.md; RepDistiller ``ABLoss``).
 
 Init-only method. On the pre-ReLU maps ``feat[1:-1]`` (``preact=True``), paired by position, each student map
 goes through a connector ``c_i`` (identity when channels and size already match, else :class:`ConvReg`
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import InitStage
+from .base import InitStage, StepContext
 from .connectors import ConvReg, label_terms, modules_up_to, without_prefixes
 from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists, index_pairs
 from .registry import register_distiller
@@ -59,7 +59,7 @@ class ABOptions(BaselineOptions):
 
 @register_distiller("ab")
 class AB(FeatureDistiller):
-    """Activation boundaries learnt in an init stage; CE (+ optional KD) afterwards (spec §2.3)."""
+    """Activation boundaries learnt in an init stage; CE (+ optional KD) afterwards (docs/methods/ab.md)."""
 
     Options = ABOptions
 
@@ -81,7 +81,9 @@ class AB(FeatureDistiller):
         s = [c(fs[sp]) for c, (_, sp) in zip(self.connectors, self.pairs)]
         return ab_loss(s, [ft[tp] for tp, _ in self.pairs], self.options.margin)
 
-    def init_stage_loss(self, images: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+    def init_stage_loss(
+        self, images: Tensor, index: Tensor | None = None, ctx: StepContext | None = None
+    ) -> dict[str, Tensor]:
         """The init stage's loss (no labels): ``L_AB`` through the connectors."""
         _, fs, _, ft = self.run_both(images)
         return {"ab": self.method_loss(fs, ft, None, None, index)}
@@ -97,7 +99,7 @@ class AB(FeatureDistiller):
             )
         ]
 
-    def compute(self, images, labels, index=None):
+    def compute(self, images, labels, index=None, ctx=None):
         return label_terms(self, images, labels)  # main-stage method loss is 0: not computed
 
     def trainable_named_parameters(self):

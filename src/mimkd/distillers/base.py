@@ -1,10 +1,12 @@
-"""The Distiller contract (design.md).
+"""The Distiller contract (docs/architecture.md).
 
 A :class:`Distiller` is an ``nn.Module`` that holds the student, the frozen teacher (eval mode, no gradient,
 never in the optimiser, never in weight decay) and the method's own trainable parts (critics, connectors,
-projection heads, memory banks as buffers). Its ``forward(images, labels, index)`` returns the student's
+projection heads, memory banks as buffers). Its ``forward(images, labels, index, ctx)`` returns the student's
 logits and a dict of named, already weighted loss terms; the trainer sums the dict and logs every term.
-Unweighted diagnostics (e.g. MI estimates in nats) go to ``self.metrics``.
+``ctx`` is the :class:`~mimkd.distillers.step_context.StepContext` of the step (where training is), so a
+method's warm-up or schedule is its own business. Unweighted diagnostics (e.g. MI estimates in nats) go to
+``self.metrics``. What a method needs from the trainer is declared once, in its :class:`Capabilities`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from mimkd.features import FeatureSpec, FeatureTap, feature_points_of
+from mimkd.features import FeatureTap
 
-__all__ = ["Distiller", "DistillContext", "MethodOptions", "InitStage", "freeze"]
+from .step_context import StepContext, accepts_context
+
+__all__ = [
+    "Capabilities",
+    "Distiller",
+    "DistillContext",
+    "MethodOptions",
+    "InitStage",
+    "StepContext",
+    "freeze",
+]
+
+_NETWORKS = ("student.", "teacher.")  # state-dict prefixes of the two networks every distiller holds
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method needs from the trainer, declared in one place (``capabilities = Capabilities(...)``).
+
+    Attributes:
+        requires_teacher: the method distils from a teacher (False: vanilla, DML, DCM).
+        uses_labels: its batches carry labels (False: the labels are never loaded, KDEP pre-training).
+        evaluated: the trainer measures its networks' test accuracy (False: a pre-training whose classifier
+            is untrained).
+    """
+
+    requires_teacher: bool = True
+    uses_labels: bool = True
+    evaluated: bool = True
 
 
 class MethodOptions(BaseModel):
@@ -48,8 +78,9 @@ class DistillContext:
 class InitStage:
     """A training stage that runs before the main one (FitNets hints, AB/FT/FSP initialisation, ...).
 
-    The trainer optimises ``modules`` alone for ``epochs`` epochs with ``loss_fn(images, index) -> {term:
-    loss}`` (labels are never passed). ``student_train_mode`` says whether the student runs in train mode.
+    The trainer optimises ``modules`` alone for ``epochs`` epochs with ``loss_fn(images, index, ctx) ->
+    {term: loss}`` (labels are never passed; ``ctx`` is the stage's :class:`StepContext`, stage ``name``).
+    ``student_train_mode`` says whether the student runs in train mode.
     """
 
     name: str
@@ -72,8 +103,9 @@ def freeze(module: nn.Module) -> nn.Module:
 class Distiller(nn.Module):
     """Base class of every distillation method.
 
-    Subclasses set ``name`` (via the registry decorator) and ``Options``, and implement :meth:`compute`.
-    ``requires_teacher`` is False only for methods that train without one (vanilla, DML, DCM).
+    Subclasses set ``name`` (via the registry decorator), ``Options`` and, where they differ from the
+    defaults, ``capabilities``, and implement :meth:`compute`. ``requires_teacher``, ``uses_labels`` and
+    ``evaluated`` are read-only mirrors of ``capabilities`` (set when the class is defined).
 
     Optional hooks the trainer calls without naming the method:
 
@@ -83,12 +115,29 @@ class Distiller(nn.Module):
     * :meth:`offline_ready` / :meth:`offline_pass` — statistics a method computes once over the training
       images before any training (KDEP's SVD of the teacher's features).
     * :meth:`init_stages` — training stages that precede the main one (FitNets hints, AB/FT/FSP).
+    * :meth:`ddp_ignored_names` — state DistributedDataParallel must not synchronise (the teacher; each
+      rank's own memory banks).
+    * :meth:`schedule_warnings`, :meth:`lr_scales` — warnings about a schedule; per-part learning rates.
     """
 
     name: ClassVar[str] = "?"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    requires_teacher: ClassVar[bool] = True
-    uses_labels: ClassVar[bool] = True  # False: the method never reads labels (KDEP)
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    _compute_takes_ctx: ClassVar[bool] = True
+    requires_teacher: ClassVar[bool] = True  # mirrors of ``capabilities`` (do not set them directly)
+    uses_labels: ClassVar[bool] = True
+    evaluated: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # compute(images, labels, index) from before StepContext: still called, without the context
+        cls._compute_takes_ctx = accepts_context(cls.compute, 4)
+        caps = cls.__dict__.get("capabilities")
+        for flag in ("requires_teacher", "uses_labels", "evaluated"):
+            if flag in cls.__dict__:
+                raise TypeError(f"{cls.__name__}: declare {flag} in capabilities = Capabilities(...)")
+            if caps is not None:
+                setattr(cls, flag, getattr(caps, flag))
 
     def __init__(
         self,
@@ -103,7 +152,6 @@ class Distiller(nn.Module):
         self.options = options
         self.context_num_classes = context.num_classes
         self.metrics: dict[str, torch.Tensor] = {}
-        self._taps: dict[str, FeatureTap] = {}
 
     # -- modes and parameters -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Distiller:
@@ -115,9 +163,44 @@ class Distiller(nn.Module):
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every parameter the optimiser must update: student and method parts, never the teacher."""
         for name, p in self.named_parameters():
-            if name.startswith("teacher.") or not p.requires_grad:
+            if self.is_teacher_state(name) or not p.requires_grad:
                 continue
             yield name, p
+
+    @staticmethod
+    def is_teacher_state(name: str) -> bool:
+        """Whether a parameter/buffer name of this distiller's state belongs to the frozen teacher."""
+        return name.startswith("teacher.")
+
+    @staticmethod
+    def is_method_state(name: str) -> bool:
+        """Whether a state name belongs to the method's own parts (neither the student nor the teacher)."""
+        return not name.startswith(_NETWORKS)
+
+    def method_parts(self) -> dict[str, nn.Module]:
+        """The method's own direct child modules (critics, heads, connectors), not the networks."""
+        nets = [id(n) for n in self.networks().values()]
+        return {
+            name: child
+            for name, child in self.named_children()
+            if name not in ("student", "teacher") and id(child) not in nets
+        }
+
+    def convert_method_parts(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace each of :meth:`method_parts` by ``fn(part)`` (e.g. SyncBatchNorm conversion)."""
+        for name, child in self.method_parts().items():
+            setattr(self, name, fn(child))
+
+    def ddp_ignored_names(self) -> list[str]:
+        """Parameter and buffer names DistributedDataParallel must leave alone: the frozen teacher's and the
+        buffers of every part that declares ``ddp_local_buffers()`` (each rank's own memory banks)."""
+        names = [n for n, _ in self.named_parameters() if self.is_teacher_state(n)]
+        names += [n for n, _ in self.named_buffers() if self.is_teacher_state(n)]
+        for prefix, module in self.named_modules():
+            local = getattr(module, "ddp_local_buffers", None)
+            if prefix and callable(local):
+                names += [f"{prefix}.{n}" for n in local()]
+        return names
 
     def schedule_warnings(self, visits: float) -> list[str]:
         """Warnings about the run's schedule, given how often it shows each training sample (``visits``):
@@ -136,11 +219,7 @@ class Distiller(nn.Module):
 
     def method_state_dict(self) -> dict[str, torch.Tensor]:
         """State of the method's own parts (critics, heads, banks): everything but student and teacher."""
-        return {
-            k: v
-            for k, v in self.state_dict().items()
-            if not (k.startswith("student.") or k.startswith("teacher."))
-        }
+        return {k: v for k, v in self.state_dict().items() if self.is_method_state(k)}
 
     def load_method_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.method_state_dict()
@@ -176,39 +255,57 @@ class Distiller(nn.Module):
         training starts. ``run_dir`` is where a method may store a reusable copy of what it computed."""
 
     # -- features ---------------------------------------------------------------------------------------
-    def tap(self, which: str, points: list[str] | None, sample_input: torch.Tensor | None) -> FeatureTap:
-        """Create (once) a FeatureTap on the student or the teacher for ``points``."""
-        net = self.student if which == "student" else self.teacher
-        tap = FeatureTap(net, points, sample_input=sample_input)
-        self._taps[which] = tap
-        return tap
-
+    # Every feature method reads its features through these two calls: one scoped capture per forward
+    # (FeatureTap.capture), the tap emptied right after, so no hook records outside a step and no activation
+    # outlives it (evaluation, export and compiled networks see plain modules).
     @staticmethod
-    def points_of(net: nn.Module, sample_input: torch.Tensor, override: list[str] | None = None):
-        return feature_points_of(net, sample_input) if override is None else override
-
-    @staticmethod
-    def probe(tap: FeatureTap, sample_input: torch.Tensor) -> dict[str, FeatureSpec]:
-        return {s.name: s for s in tap.specs(sample_input)}
+    def tapped(
+        tap: FeatureTap, images: torch.Tensor, *, grad: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward of ``tap``'s network on ``images``: its output and the captured features."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            out, feats = tap.run(images)
+        tap.clear()
+        return out, feats
 
     def teacher_outputs(self, images: torch.Tensor, tap: FeatureTap | None = None):
         """Teacher logits (and features when a tap is given), without autograd."""
         assert self.teacher is not None
-        with torch.no_grad():
-            if tap is None:
+        if tap is None:
+            with torch.no_grad():
                 return self.teacher(images), {}
-            return tap.run(images)
+        return self.tapped(tap, images, grad=False)
+
+    def student_teacher_features(
+        self, images: torch.Tensor, s_tap: FeatureTap, t_tap: FeatureTap
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits and features (with autograd), teacher logits and features (without)."""
+        logits, fs = self.tapped(s_tap, images)
+        t_logits, ft = self.teacher_outputs(images, t_tap)
+        return logits, fs, t_logits, ft
 
     # -- the contract -----------------------------------------------------------------------------------
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None, index: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        index: torch.Tensor | None = None,
+        ctx: StepContext | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's logits and weighted terms; ``ctx`` defaults to :meth:`StepContext.standalone`."""
         self.metrics = {}
-        return self.compute(images, labels, index)
+        if not self._compute_takes_ctx:
+            return self.compute(images, labels, index)  # type: ignore[call-arg]
+        return self.compute(images, labels, index, ctx if ctx is not None else StepContext.standalone())
 
     def compute(
-        self, images: torch.Tensor, labels: torch.Tensor | None, index: torch.Tensor | None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        index: torch.Tensor | None,
+        ctx: StepContext,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The method's loss terms for one batch at position ``ctx`` (subclasses implement it)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

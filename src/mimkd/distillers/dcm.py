@@ -39,7 +39,7 @@ from pydantic import Field
 from mimkd.features import FeatureTap
 from mimkd.models.aux_heads import AuxHeads, build_aux_heads
 
-from .base import DistillContext, Distiller, MethodOptions
+from .base import Capabilities, DistillContext, Distiller, MethodOptions, StepContext
 from .dml import build_peer
 from .registry import register_distiller
 
@@ -121,7 +121,7 @@ class DCM(Distiller):
     """Two networks with auxiliary classifiers distilling densely across layers (see the module docstring)."""
 
     Options = DCMOptions
-    requires_teacher = False
+    capabilities = Capabilities(requires_teacher=False)
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module | None, options: DCMOptions, context: DistillContext
@@ -152,13 +152,16 @@ class DCM(Distiller):
         """Each network's ``(C3, C2, C1)`` logits, network 1 first."""
         outs = []
         for tap, heads, points in zip(self._cohort_taps, self.heads, self.head_points):
-            logits, feats = tap.run(images)
+            logits, feats = self.tapped(tap, images)
             outs.append((heads["C3"](feats[points["C3"]]), heads["C2"](feats[points["C2"]]), logits))
-            tap.clear()  # do not keep the stage maps alive beyond the step
         return outs
 
     def compute(
-        self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        index: torch.Tensor | None = None,
+        ctx: StepContext | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o = self.options
         outs1, outs2 = self.outputs(images)

@@ -1,4 +1,4 @@
-"""``dml``: Deep Mutual Learning (Zhang et al., CVPR 2018; spec §3.4): a cohort trained together, no teacher.
+"""``dml``: Deep Mutual Learning (Zhang et al., CVPR 2018; docs/methods/dml.md): a cohort trained together.
 
 Network ``k`` of a cohort of ``K`` minimises ``L_k = CE(z_k, y) + Σ_{l≠k} KL(p_l ‖ p_k)`` with
 ``KL = mean_b Σ_c p_l log((p_l + 1e-8)/(p_k + 1e-8))`` at temperature 1, the peers' probabilities detached
@@ -12,7 +12,7 @@ Options: ``peers`` (architecture names; empty: ``cohort_size − 1`` copies of t
 ``1/(K−1)`` average; identical for K = 2), ``kl_weight`` (1), ``label_smoothing`` (0; the official re-ID
 recipe uses 0.1).
 
-Deviations from the reference (spec §3.4):
+Deviations from the reference (docs/methods/dml.md):
 
 * Simultaneous update: the terms of all networks are summed and one optimiser takes one step. Because every
   peer term is detached, each network receives exactly the gradient of its own ``L_k`` at the current
@@ -32,7 +32,7 @@ from pydantic import Field
 
 from mimkd.errors import MethodError
 
-from .base import DistillContext, Distiller, MethodOptions
+from .base import Capabilities, DistillContext, Distiller, MethodOptions, StepContext
 from .registry import register_distiller
 
 __all__ = ["DML", "DMLOptions", "build_peer", "dml_kl", "dml_losses"]
@@ -99,7 +99,7 @@ class DML(Distiller):
     """A cohort of networks that teach each other (see the module docstring); no teacher."""
 
     Options = DMLOptions
-    requires_teacher = False
+    capabilities = Capabilities(requires_teacher=False)
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module | None, options: DMLOptions, context: DistillContext
@@ -127,7 +127,11 @@ class DML(Distiller):
         return [net(images) for net in self.networks().values()]
 
     def compute(
-        self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        index: torch.Tensor | None = None,
+        ctx: StepContext | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o = self.options
         logits = self.outputs(images)

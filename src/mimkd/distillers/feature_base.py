@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from mimkd.errors import MethodError
 from mimkd.features import FeatureSpec, FeatureTap, feature_points_of
@@ -149,12 +149,9 @@ class FeatureDistiller(Distiller):
     # -- shared -----------------------------------------------------------------------------------------
     def run_both(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
         """Student logits and features (with autograd), teacher logits and features (without)."""
-        logits, fs = self.s_tap.run(images)
-        with torch.no_grad():
-            t_logits, ft = self.t_tap.run(images)
-        return logits, fs, t_logits, ft
+        return self.student_teacher_features(images, self.s_tap, self.t_tap)
 
-    def compute(self, images, labels, index=None):
+    def compute(self, images, labels, index=None, ctx=None):
         o = self.options
         logits, fs, t_logits, ft = self.run_both(images)
         terms: dict[str, Tensor] = {}
@@ -175,11 +172,7 @@ class FeatureDistiller(Distiller):
         info = super().describe()
         info["student_points"] = {k: list(v.shape) for k, v in self.s_specs.items()}
         info["teacher_points"] = {k: list(v.shape) for k, v in self.t_specs.items()}
-        extra = {
-            n: sum(p.numel() for p in m.parameters())
-            for n, m in self.named_children()
-            if n not in ("student", "teacher") and isinstance(m, nn.Module)
-        }
+        extra = {n: sum(p.numel() for p in m.parameters()) for n, m in self.method_parts().items()}
         info["modules"] = {k: v for k, v in extra.items() if v}
         info["init_stages"] = [{"name": s.name, "epochs": s.epochs} for s in self.init_stages()]
         return info

@@ -1,8 +1,8 @@
-"""``fitnets``: FitNets hints (Romero et al.; spec §2.3, RepDistiller ``HintLoss`` + ``ConvReg``).
+"""``fitnets``: FitNets hints (Romero et al.; docs/methods/fitnets.md; RepDistiller ``HintLoss``).
 
 ``L_hint = mean((ConvReg(F_s) − F_t)²)`` with ``F_s``, ``F_t`` = ``feat[hint_layer]`` of each network
 (default ``hint_layer = 2``) and ConvReg = conv (3×3 s2 / ConvTranspose 4×4 s2 / (1+H_s−H_t)×(1+W_s−W_t)) +
-BN + ReLU to the teacher's shape. Defaults are RepDistiller's command line (γ = 1, α = 0, β = 100, spec §2.2).
+BN + ReLU to the teacher's shape. Defaults are RepDistiller's command line (γ = 1, α = 0, β = 100).
 
 Two forms:
 
@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor
 from torch.nn import functional as F
 
-from .base import InitStage
+from .base import InitStage, StepContext
 from .connectors import ConvReg, label_terms, modules_up_to, without_prefixes
 from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists
 from .registry import register_distiller
@@ -44,7 +44,7 @@ class FitNetsOptions(BaselineOptions):
 
 @register_distiller("fitnets")
 class FitNets(FeatureDistiller):
-    """Hint regression ``feat_s[k] → feat_t[k]`` through a :class:`ConvReg` (spec §2.3)."""
+    """Hint regression ``feat_s[k] → feat_t[k]`` through a :class:`ConvReg` (docs/methods/fitnets.md)."""
 
     Options = FitNetsOptions
 
@@ -63,7 +63,9 @@ class FitNets(FeatureDistiller):
     def method_loss(self, fs, ft, logits, t_logits, index):
         return hint_loss(self.regressor(fs[self.s_point]), ft[self.t_point])
 
-    def hint_stage_loss(self, images: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+    def hint_stage_loss(
+        self, images: Tensor, index: Tensor | None = None, ctx: StepContext | None = None
+    ) -> dict[str, Tensor]:
         """The hint stage's loss (no labels): ``L_hint`` alone."""
         _, fs, _, ft = self.run_both(images)
         return {"hint": self.method_loss(fs, ft, None, None, index)}
@@ -82,10 +84,10 @@ class FitNets(FeatureDistiller):
             )
         ]
 
-    def compute(self, images, labels, index=None):
+    def compute(self, images, labels, index=None, ctx=None):
         if self.options.two_stage:  # main stage of the paper's form: no hint term
             return label_terms(self, images, labels)
-        return super().compute(images, labels, index)
+        return super().compute(images, labels, index, ctx)
 
     def trainable_named_parameters(self):
         params = super().trainable_named_parameters()

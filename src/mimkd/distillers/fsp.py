@@ -1,4 +1,4 @@
-"""``fsp``: flow of solution procedure (Yim et al.; spec §2.3, RepDistiller ``FSP``).
+"""``fsp``: flow of solution procedure (Yim et al.; docs/methods/fsp.md, RepDistiller ``FSP``).
 
 Init-only method on ``feat[:-1]`` (stem and stage outputs), paired by position. For consecutive maps ``bot =
 F_k``, ``top = F_{k+1}`` of one network (the larger one adaptive-avg-pooled to the smaller size)
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mimkd.errors import MethodError
 
-from .base import InitStage
+from .base import InitStage, StepContext
 from .connectors import label_terms, modules_up_to
 from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists, index_pairs, pool_to_common
 from .registry import register_distiller
@@ -55,7 +55,7 @@ class FSPOptions(BaselineOptions):
 
 @register_distiller("fsp")
 class FSP(FeatureDistiller):
-    """FSP matrices matched in an init stage; CE (+ optional KD) afterwards (spec §2.3)."""
+    """FSP matrices matched in an init stage; CE (+ optional KD) afterwards (docs/methods/fsp.md)."""
 
     Options = FSPOptions
 
@@ -82,7 +82,9 @@ class FSP(FeatureDistiller):
     def method_loss(self, fs, ft, logits, t_logits, index):
         return fsp_loss([fs[sp] for _, sp in self.pairs], [ft[tp] for tp, _ in self.pairs])
 
-    def init_stage_loss(self, images: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+    def init_stage_loss(
+        self, images: Tensor, index: Tensor | None = None, ctx: StepContext | None = None
+    ) -> dict[str, Tensor]:
         """The init stage's loss (no labels): ``L_FSP``."""
         _, fs, _, ft = self.run_both(images)
         return {"fsp": self.method_loss(fs, ft, None, None, index)}
@@ -98,5 +100,5 @@ class FSP(FeatureDistiller):
             )
         ]
 
-    def compute(self, images, labels, index=None):
+    def compute(self, images, labels, index=None, ctx=None):
         return label_terms(self, images, labels)  # main-stage method loss is 0: not computed

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from mimkd.models.cifar_resnet import CifarResNet
 from mimkd.models.wrn import WideResNet
 
-from .base import InitStage
+from .base import InitStage, StepContext
 from .connectors import without_prefixes
 from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists, pool_to_common
 from .registry import register_distiller
@@ -111,10 +111,11 @@ class FT(FeatureDistiller):
             factor_t = self.paraphraser.encoder(ft[self.t_point])
         return ft_loss(self.translator(fs[self.s_point]), factor_t)
 
-    def init_stage_loss(self, images: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+    def init_stage_loss(
+        self, images: Tensor, index: Tensor | None = None, ctx: StepContext | None = None
+    ) -> dict[str, Tensor]:
         """The paraphraser's reconstruction loss on the teacher map (no labels; the student does not run)."""
-        with torch.no_grad():
-            _, ft = self.t_tap.run(images)
+        _, ft = self.teacher_outputs(images, self.t_tap)
         target = ft[self.t_point]
         _, rec = self.paraphraser(target)
         return {"paraphraser": F.mse_loss(rec, target)}

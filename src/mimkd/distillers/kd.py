@@ -1,7 +1,7 @@
-"""``kd``: Hinton et al.'s knowledge distillation (spec §2.3, RepDistiller ``DistillKL``).
+"""``kd``: Hinton et al.'s knowledge distillation (docs/methods/kd.md, RepDistiller ``DistillKL``).
 
 Loss ``γ·CE + α·KD`` with ``KD = T²/B · Σ_b KL(softmax(z_t/T) ‖ softmax(z_s/T))``; defaults are RepDistiller's
-command line (γ = 0.1, α = 0.9, T = 4; spec §2.2).
+command line (γ = 0.1, α = 0.9, T = 4).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class KD(Distiller):
 
     Options = KDOptions
 
-    def compute(self, images, labels, index=None):
+    def compute(self, images, labels, index=None, ctx=None):
         o = self.options
         logits = self.student(images)
         t_logits, _ = self.teacher_outputs(images)

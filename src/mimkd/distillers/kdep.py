@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from mimkd.errors import CheckpointError, MethodError, MimkdWarning
 from mimkd.features import FeatureTap, feature_points_of
 
-from .base import DistillContext, Distiller, MethodOptions
+from .base import Capabilities, DistillContext, Distiller, MethodOptions, StepContext
 from .kdep_align import (
     ALIGNMENT_FILE,
     FeatureStats,
@@ -107,8 +107,7 @@ class KDEP(Distiller):
     """KDEP pre-training (spec §3.2): ``w · MSE(pool(pre-ReLU student), A(pool(pre-ReLU teacher)))``."""
 
     Options = KDEPOptions
-    uses_labels = False
-    requires_teacher = True
+    capabilities = Capabilities(uses_labels=False, evaluated=False)  # a label-free pre-training
 
     def __init__(self, student: nn.Module, teacher: nn.Module, options: KDEPOptions, context: DistillContext):
         super().__init__(student, teacher, options, context)
@@ -127,6 +126,10 @@ class KDEP(Distiller):
         d_s, d_t = self.student_dim, self.teacher_dim
         a = o.alignment
         self.register_buffer("ready", torch.tensor(a not in OFFLINE))
+        # A host mirror of the buffer, so that the step never reads a device value: refreshed wherever the
+        # buffer is written (set_alignment) or loaded (a state-dict post-hook).
+        self._ready = a not in OFFLINE
+        self.register_load_state_dict_post_hook(_refresh_ready)
         if a in ("svd", "cs_var", "cs_rand") and d_s > d_t:
             raise MethodError(
                 f"KDEP alignment {a!r} maps the teacher's {d_t} channels ({self.t_point}) to the student's "
@@ -169,7 +172,7 @@ class KDEP(Distiller):
 
     # -- the offline pass -----------------------------------------------------------------------------
     def offline_ready(self) -> bool:
-        return bool(self.ready)
+        return self._ready
 
     def offline_pass(self, batches, num_batches: int, run_dir: Path | None) -> None:
         """Pooled teacher features over the images (no labels) → mean, components, margins; stored in the
@@ -210,6 +213,7 @@ class KDEP(Distiller):
         elif a == "conv1x1_margin":
             self.margin.copy_(stats["margin"])
         self.ready.fill_(True)
+        self._ready = True
 
     # -- the loss -------------------------------------------------------------------------------------
     def align(self, f_t: Tensor) -> Tensor:
@@ -226,19 +230,22 @@ class KDEP(Distiller):
         return pts(out, o.pts_temperature, o.pts_power) if o.pts else out
 
     def forward(
-        self, images: Tensor, labels: Tensor | None = None, index: Tensor | None = None
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        index: Tensor | None = None,
+        ctx: StepContext | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        # labels are dropped here, before any method code runs: KDEP never reads them (uses_labels = False)
-        return super().forward(images, None, index)
+        # labels are dropped here, before any method code runs: KDEP never reads them (its capabilities)
+        return super().forward(images, None, index, ctx)
 
-    def compute(self, images, labels, index=None):
-        if not bool(self.ready):
+    def compute(self, images, labels, index=None, ctx=None):
+        if not self._ready:
             raise MethodError(
                 f"KDEP alignment {self.options.alignment!r} is not computed yet: run offline_pass over the "
                 "pre-training images first (the trainer does), or pass svd_file"
             )
-        logits, fs = self.s_tap.run(images)
-        _, ft = self.teacher_outputs(images, self.t_tap)
+        logits, fs, _, ft = self.student_teacher_features(images, self.s_tap, self.t_tap)
         s_feat, f_t = fs[self.s_point], pool(ft[self.t_point])
         a = self.options.alignment
         if a in PARAMETRIC:
@@ -272,3 +279,8 @@ class KDEP(Distiller):
         if a in PARAMETRIC:
             info["modules"] = {"connector": sum(p.numel() for p in self.connector.parameters())}
         return info
+
+
+def _refresh_ready(module: KDEP, incompatible_keys: Any) -> None:
+    """After a state dict is loaded, mirror the ``ready`` buffer on the host (one read, at load time)."""
+    module._ready = bool(module.ready)

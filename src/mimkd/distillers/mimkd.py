@@ -45,7 +45,7 @@ from mimkd.mi import ConcatConvCritic, ProjectDotCritic, derangement, jsd_bound,
 from mimkd.mi.contrast import BankContrast
 from mimkd.mi.negatives import all_pairs_negatives, roll_derangement
 
-from .base import DistillContext, Distiller, InitStage, MethodOptions
+from .base import DistillContext, Distiller, InitStage, MethodOptions, StepContext
 from .kd import kd_loss
 from .registry import register_distiller
 
@@ -195,11 +195,9 @@ class MIMKD(Distiller):
             return all_pairs_negatives(batch, device=device)
         return derangement(batch, device=device)
 
-    def compute(self, images, labels, index=None):
+    def compute(self, images, labels, index=None, ctx=None):
         o = self.options
-        logits, fs = self.s_tap.run(images)
-        with torch.no_grad():
-            t_logits, ft = self.t_tap.run(images)
+        logits, fs, t_logits, ft = self.student_teacher_features(images, self.s_tap, self.t_tap)
         terms: dict[str, torch.Tensor] = {}
         if o.ce_weight:
             terms["ce"] = o.ce_weight * self.cross_entropy(logits, labels)
@@ -263,15 +261,16 @@ class MIMKD(Distiller):
             )
         ]
 
-    def _warmup_terms(self, images: torch.Tensor, index: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _warmup_terms(
+        self, images: torch.Tensor, index: torch.Tensor | None, ctx: StepContext | None = None
+    ) -> dict[str, torch.Tensor]:
         # The student runs in train mode (its features as the main training will see them), without
         # gradients, and its BatchNorm statistics are put back: the warm-up leaves it bit-identical.
         with torch.no_grad(), _kept_buffers(self.student):
             self.student.train()
-            _, fs = self.s_tap.run(images)
+            _, fs = self.tapped(self.s_tap, images, grad=False)
         self.student.eval()
-        with torch.no_grad():
-            _, ft = self.t_tap.run(images)
+        _, ft = self.teacher_outputs(images, self.t_tap)
         self.metrics = {}
         return self._mi_terms(fs, ft, index, images.shape[0], images.device)
 

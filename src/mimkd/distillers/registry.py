@@ -92,7 +92,7 @@ def build_distiller(
         sample_input: a small batch with the training input shape, used to probe feature shapes.
         num_classes: number of classes (default: inferred from the student's output on ``sample_input``).
         num_samples, train_labels: training-set size and labels, needed by memory-bank methods. A method
-            that declares ``uses_labels = False`` (KDEP) never receives the labels.
+            whose ``capabilities.uses_labels`` is False (KDEP) never receives the labels.
         student_arch: the student's architecture name (DML/DCM build peers of the same kind from it).
         build_network: ``arch -> nn.Module`` for peer networks (default: the zoo and ``module:factory``
             models, for ``num_classes`` classes and the sample's channel count).

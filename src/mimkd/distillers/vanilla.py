@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import Distiller, MethodOptions
+from .base import Capabilities, Distiller, MethodOptions
 from .registry import register_distiller
 
 
@@ -18,12 +18,12 @@ class Vanilla(Distiller):
     """Cross-entropy only; no teacher is needed (one is ignored if given)."""
 
     Options = VanillaOptions
-    requires_teacher = False
+    capabilities = Capabilities(requires_teacher=False)
 
     def __init__(self, student, teacher, options, context):
         super().__init__(student, None, options, context)
 
-    def compute(self, images, labels, index=None):
+    def compute(self, images, labels, index=None, ctx=None):
         logits = self.student(images)
         o = self.options
         return logits, {"ce": o.ce_weight * self.cross_entropy(logits, labels, o.label_smoothing)}

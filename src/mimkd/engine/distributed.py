@@ -258,15 +258,10 @@ def all_reduce_gradients(params: Iterable[torch.Tensor]) -> None:
 
 
 def _ignored_names(distiller: nn.Module) -> list[str]:
-    """Parameters and buffers DDP must leave alone: the frozen teacher's and the memory banks'."""
-    from mimkd.mi.memory import MemoryBank
-
-    names = [n for n, _ in distiller.named_parameters() if n.startswith("teacher.")]
-    names += [n for n, _ in distiller.named_buffers() if n.startswith("teacher.")]
-    for prefix, module in distiller.named_modules():
-        if isinstance(module, MemoryBank):
-            names += [f"{prefix}.{n}" if prefix else n for n, _ in module.named_buffers(recurse=False)]
-    return names
+    """Parameters and buffers DDP must leave alone: what the distiller's ``ddp_ignored_names`` hook says
+    (the frozen teacher's, the memory banks'); nothing for a module without the hook."""
+    hook = getattr(distiller, "ddp_ignored_names", None)
+    return list(hook()) if callable(hook) else []
 
 
 def wrap(distiller: nn.Module, device: torch.device) -> nn.Module:
@@ -275,7 +270,8 @@ def wrap(distiller: nn.Module, device: torch.device) -> nn.Module:
         return distiller
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if not any(p.requires_grad for n, p in distiller.named_parameters() if not n.startswith("teacher.")):
+    ignored = set(_ignored_names(distiller))
+    if not any(p.requires_grad for n, p in distiller.named_parameters() if n not in ignored):
         raise ConfigError("nothing to train: the distiller has no trainable parameters")
     for param in distiller.parameters():
         # A 1×1 kernel in channels_last has strides that autograd does not reproduce in its gradient (it
@@ -283,7 +279,7 @@ def wrap(distiller: nn.Module, device: torch.device) -> nn.Module:
         # buckets every step and warn. Give those parameters the contiguous strides.
         if param.dim() == 4 and param.shape[2] == param.shape[3] == 1 and not param.is_contiguous():
             param.data = param.data.contiguous()
-    DDP._set_params_and_buffers_to_ignore_for_model(distiller, _ignored_names(distiller))
+    DDP._set_params_and_buffers_to_ignore_for_model(distiller, sorted(ignored))
     ids = [device.index] if device.type == "cuda" else None
     return DDP(distiller, device_ids=ids, static_graph=True)
 

@@ -1,4 +1,5 @@
-"""Initialisation stages declared by a method (spec §2.1): AB, FT and FSP initialisation, FitNets' hint stage.
+"""Initialisation stages declared by a method: AB, FT and FSP initialisation, FitNets' hint stage, MIMKD's
+critic warm-up (docs/methods/).
 
 Before the main training the trainer runs each :class:`~mimkd.distillers.base.InitStage` for its epochs: a
 separate SGD (the run's momentum, Nesterov flag and weight decay; the stage's lr, else the run's base lr,
@@ -10,48 +11,32 @@ Progress (stage, epoch, step, the stage optimiser) is part of ``last.pt``, and t
 pure function of (seed, stage, epoch, step), so an interrupted run resumes inside a stage exactly like the
 main loop.
 
-A stage step is a :class:`~mimkd.engine.step.TrainStep` (the run's precision; the non-finite check reads a
-flag each step). Under torchrun each rank takes its slice of the stage's global batch and the stage's
+A stage's epochs run through the same :class:`~mimkd.engine.loop.EpochLoop` as the main training; a stage
+step is a :class:`~mimkd.engine.step.TrainStep` (the run's precision; the non-finite check reads a flag each
+step) and its loss receives the stage's :class:`~mimkd.distillers.step_context.StepContext` (stage name,
+epoch, step). Under torchrun each rank takes its slice of the stage's global batch and the stage's
 gradients are averaged over the ranks after the backward (the stage's modules are trained outside DDP).
 """
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import torch
 
 from mimkd.data import BatchIterator
 from mimkd.distillers.base import InitStage
+from mimkd.distillers.step_context import StepContext, accepts_context
 
 from .distributed import all_reduce_gradients
-from .logging import LaggedScalars, Meter, MetricsLog, NullLog, progress_bar
-from .step import TrainStep
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .logging import Meter, MetricsLog, NullLog
+from .loop import EpochLoop
+from .run_state import InitProgress, RunSetup, RunState
+from .step import NonFiniteStatus, TrainStep
 
 __all__ = ["InitProgress", "run_init_stages"]
 
 _SEED_STRIDE = 1_000_003  # each stage draws its own batch order
-
-
-class InitProgress:
-    """Where the run is in its init stages; saved in ``last.pt`` under ``"init"``."""
-
-    def __init__(self) -> None:
-        self.done = 0  # stages completed
-        self.epoch = 0  # epochs completed in the current stage
-        self.step = 0  # steps done in the current epoch
-        self.optimizer_state: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.done, self.epoch, self.step = state["done"], state["epoch"], state["step"]
-        self.optimizer_state = state.get("optimizer")
 
 
 def _parameters(stage: InitStage) -> list[torch.nn.Parameter]:
@@ -63,8 +48,8 @@ def _parameters(stage: InitStage) -> list[torch.nn.Parameter]:
     return list(seen.values())
 
 
-def _stage_modes(trainer: Trainer, stage: InitStage) -> None:
-    d = trainer.distiller
+def _stage_modes(setup: RunSetup, stage: InitStage) -> None:
+    d = setup.distiller
     d.eval()
     for m in stage.modules:
         m.train()
@@ -74,39 +59,55 @@ def _stage_modes(trainer: Trainer, stage: InitStage) -> None:
         d.teacher.eval()
 
 
-def run_init_stages(trainer: Trainer, log: MetricsLog | NullLog) -> None:
-    """Run (or finish, after a resume) every init stage of the trainer's distiller."""
-    stages = trainer.distiller.init_stages()
-    progress: InitProgress = trainer.init_progress
-    cfg = trainer.cfg
+def _stage_optimizer(setup: RunSetup, stage: InitStage, progress: InitProgress) -> torch.optim.SGD:
+    o = setup.cfg.optim
+    optimizer = torch.optim.SGD(
+        _parameters(stage),
+        lr=stage.lr or float(o.lr),
+        momentum=o.momentum or 0.0,
+        nesterov=bool(o.nesterov),
+        weight_decay=o.weight_decay or 0.0,
+    )
+    if progress.optimizer_state is not None:
+        optimizer.load_state_dict(progress.optimizer_state)
+    return optimizer
+
+
+def _stage_iterator(setup: RunSetup, index: int) -> BatchIterator:
+    return BatchIterator(
+        setup.train_set,
+        setup.cfg.optim.batch_size,
+        shuffle=True,
+        drop_last=True,
+        seed=setup.cfg.seed + _SEED_STRIDE * (index + 1),
+        device=setup.device,
+        augment=setup.augment,
+        with_labels=False,
+        rank=setup.dist.rank,
+        world_size=setup.dist.world_size,
+        storage_device=setup.storage,
+    )
+
+
+def run_init_stages(
+    setup: RunSetup,
+    state: RunState,
+    log: MetricsLog | NullLog,
+    save: Callable[[], None],
+    on_status: Callable[[NonFiniteStatus], None],
+) -> None:
+    """Run (or finish, after a resume) every init stage of the run's distiller.
+
+    ``save`` writes ``last.pt`` (the stage's progress and optimiser are part of ``state.init``);
+    ``on_status`` takes the non-finite state after a refused step (it raises to stop the run)."""
+    stages = setup.distiller.init_stages()
+    progress = state.init
+    cfg = setup.cfg
     while progress.done < len(stages):
         index = progress.done
         stage = stages[index]
-        o = cfg.optim
-        params = _parameters(stage)
-        optimizer = torch.optim.SGD(
-            params,
-            lr=stage.lr or float(o.lr),
-            momentum=o.momentum or 0.0,
-            nesterov=bool(o.nesterov),
-            weight_decay=o.weight_decay or 0.0,
-        )
-        if progress.optimizer_state is not None:
-            optimizer.load_state_dict(progress.optimizer_state)
-        trainer.init_optimizer = optimizer
-        iterator = BatchIterator(
-            trainer.train_set,
-            o.batch_size,
-            shuffle=True,
-            drop_last=True,
-            seed=cfg.seed + _SEED_STRIDE * (index + 1),
-            device=trainer.device,
-            augment=trainer.augment,
-            with_labels=False,
-            rank=trainer.dist.rank,
-            world_size=trainer.dist.world_size,
-            storage_device=trainer.storage,
-        )
+        optimizer = progress.optimizer = _stage_optimizer(setup, stage, progress)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         step = TrainStep(
             _stage_forward(stage),
             optimizer,
@@ -114,65 +115,62 @@ def run_init_stages(trainer: Trainer, log: MetricsLog | NullLog) -> None:
             check="step",
             on_nonfinite=cfg.train.on_nonfinite,
             max_skipped=cfg.train.max_skipped_batches,
-            grad_sync=(lambda ps=params: all_reduce_gradients(ps)) if trainer.dist.enabled else None,
+            grad_sync=(lambda ps=params: all_reduce_gradients(ps)) if setup.dist.enabled else None,
         )
-        step.load_skipped(trainer.skipped)
-        spe = min(len(iterator), trainer.steps_per_epoch)
+        step.load_skipped(state.skipped)
+        loop = EpochLoop(
+            step,
+            on_status=on_status,
+            progress=cfg.train.progress if setup.is_main else False,
+            world_size=setup.dist.world_size,
+            memory_format=setup.memory_format,
+            checkpoint=save,
+            checkpoint_every=cfg.train.checkpoint_every_steps,
+        )
+        iterator = _stage_iterator(setup, index)
+        spe = min(len(iterator), setup.steps_per_epoch)
         while progress.epoch < stage.epochs:
-            _stage_epoch(trainer, stage, index, iterator, step, spe, log)
+            _stage_epoch(setup, progress, stage, index, iterator, loop, spe, log, state.global_step)
+            save()
         progress.done += 1
         progress.epoch = progress.step = 0
-        progress.optimizer_state = None
-        trainer.init_optimizer = None
-        trainer.save()
+        progress.optimizer_state = progress.optimizer = None
+        save()
 
 
 def _stage_forward(stage: InitStage):
-    """The stage's loss as a TrainStep model: ``(images, labels, index) -> (None, terms)``."""
+    """The stage's loss as a TrainStep model: ``(images, labels, index, ctx) -> (None, terms)``."""
 
-    def forward(images, labels, index):
-        return None, stage.loss_fn(images, index)
+    takes_ctx = accepts_context(stage.loss_fn, 2)
+
+    def forward(images, labels, index, ctx: StepContext):
+        return None, stage.loss_fn(images, index, ctx) if takes_ctx else stage.loss_fn(images, index)
 
     return forward
 
 
-def _stage_epoch(trainer, stage, index, iterator, step: TrainStep, spe, log) -> None:
-    progress: InitProgress = trainer.init_progress
-    optimizer = step.optimizer
-    _stage_modes(trainer, stage)
+def _stage_epoch(
+    setup, progress, stage, index, iterator, loop: EpochLoop, spe: int, log, global_step: int
+) -> None:
+    _stage_modes(setup, stage)
     meter = Meter()
-    shown = LaggedScalars()
-    t0, seen = time.time(), 0
-    desc = f"init {stage.name} {progress.epoch + 1}/{stage.epochs}"
-    bar = progress_bar(spe, desc, trainer.cfg.train.progress if trainer.is_main else False, progress.step)
-    try:
-        for batch in iterator.epoch(progress.epoch, start_step=progress.step):
-            if progress.step >= spe:
-                break
-            images = batch.images.contiguous(memory_format=trainer.memory_format)
-            out = step(images, None, batch.index, position=(-1, progress.step))
-            if not out.applied:
-                trainer._after_refusal(step.status())
-                progress.step += 1
-                continue
-            values = {f"loss.{k}": v for k, v in out.terms.items()} | {"loss.total": out.total}
-            meter.add(values, images.shape[0])
-            progress.step += 1
-            seen += images.shape[0]
-            if not bar.disable:
-                shown.push({k[5:]: v for k, v in values.items()})
-                bar.set_postfix({k: f"{v:.4f}" for k, v in (shown.latest() or {}).items()}, refresh=False)
-            bar.update(1)
-            if progress.step % trainer.cfg.train.checkpoint_every_steps == 0 and progress.step < spe:
-                progress.optimizer_state = optimizer.state_dict()
-                trainer.save()
-    finally:
-        bar.close()
-    record = {"stage": stage.name, "stage_index": index, "stage_epoch": progress.epoch}
-    record |= {f"init.{k}": v for k, v in meter.reduced().means().items()}
-    record["init.images_per_s"] = seen * trainer.dist.world_size / max(time.time() - t0, 1e-9)
-    log.write(record, trainer.global_step)
+
+    def record(out, batch, n):
+        values = {f"loss.{k}": v for k, v in out.terms.items()} | {"loss.total": out.total}
+        meter.add(values, n)
+        return values
+
+    stats = loop.run(
+        iterator.epoch(progress.epoch, start_step=progress.step),
+        progress,
+        steps=spe,
+        desc=f"init {stage.name} {progress.epoch + 1}/{stage.epochs}",
+        context=lambda s: StepContext(stage.name, progress.epoch, s, spe, stage.epochs),
+        record=record,
+    )
+    record_ = {"stage": stage.name, "stage_index": index, "stage_epoch": progress.epoch}
+    record_ |= {f"init.{k}": v for k, v in meter.reduced().means().items()}
+    record_["init.images_per_s"] = stats.images * setup.dist.world_size / max(stats.seconds, 1e-9)
+    log.write(record_, global_step)
     progress.epoch += 1
     progress.step = 0
-    progress.optimizer_state = optimizer.state_dict()
-    trainer.save()

@@ -205,9 +205,7 @@ def prepare(
     if distiller.offline_ready():  # (KDEP's forward needs its offline pass first)
         probe_distiller(distiller, train, augment, cfg.optim.batch_size, distiller.uses_labels)
     if sync_bn:  # the method's own modules too (e.g. MIMKD's projection heads hold a BatchNorm1d)
-        for name, child in list(distiller.named_children()):
-            if name not in ("student", "teacher") and child not in distiller.networks().values():
-                setattr(distiller, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        distiller.convert_method_parts(nn.SyncBatchNorm.convert_sync_batchnorm)
     extra: dict[str, Any] = {
         "data": cfg.data.name,
         "train_images": len(train),

@@ -131,8 +131,10 @@ class TrainStep:
         grad_sync: called after the backward (e.g. :func:`mimkd.engine.distributed.all_reduce_gradients`
             for parts trained outside DDP).
 
-    Call it as ``step(images, labels, index, position=None, inspect=None)``; ``position`` (e.g.
-    ``(epoch, step)``) is reported back by :meth:`status` for the first step that stopped the run.
+    Call it as ``step(images, labels, index, position=None, inspect=None, context=None)``; ``position``
+    (the step's :class:`~mimkd.distillers.step_context.StepContext` in the trainer) is reported back by
+    :meth:`status` for the first step that stopped the run; ``context``, when given, is passed to the model
+    as its fourth argument (``model(images, labels, index, context)``).
     ``inspect(logits, labels, terms)``, when given, runs after the forward and before the backward (on the
     graph, which it must retain) and its dict is returned in :attr:`StepResult.grads`
     (:class:`~mimkd.engine.term_grads.TermGradients`); it is skipped on a step refused as non-finite.
@@ -183,10 +185,11 @@ class TrainStep:
         index: Tensor | None = None,
         position: Any = None,
         inspect: Callable[..., dict[str, Tensor]] | None = None,
+        context: Any = None,
     ) -> StepResult:
         """Run one step on a batch; see the class docstring."""
         try:
-            return self._run(images, labels, index, position, inspect)
+            return self._run(images, labels, index, position, inspect, context)
         except Exception as e:  # a torch.compile failure surfaces at the first step: one clear line
             where = type(e).__module__
             if where.startswith(("torch._dynamo", "torch._inductor")):
@@ -198,10 +201,17 @@ class TrainStep:
             raise
 
     def _run(
-        self, images: Tensor, labels: Tensor | None, index: Tensor | None, position: Any, inspect: Any
+        self,
+        images: Tensor,
+        labels: Tensor | None,
+        index: Tensor | None,
+        position: Any,
+        inspect: Any,
+        context: Any,
     ) -> StepResult:
+        args = (images, labels, index) if context is None else (images, labels, index, context)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits, terms = self.model(images, labels, index)
+            logits, terms = self.model(*args)
         if not terms:
             raise ConfigError("the method returned no loss terms: nothing to optimise")
         total = sum(t.float() for t in terms.values())
@@ -314,18 +324,14 @@ def compile_distiller(distiller: torch.nn.Module, **options: Any) -> torch.nn.Mo
     has parameters: the student, the teacher, the peers of DML/DCM and the method's own modules (critics,
     heads, connectors; their ``forward``).
 
-    A part with forward hooks anywhere inside (a :class:`~mimkd.features.FeatureTap` on a network, as every
-    feature method has) stays eager: the tap records each captured tensor's version counter inside the hook,
-    which dynamo traces as a constant, and the compiled network then fails the tap's in-place check ("was
-    modified in place" / "did not run"; seen with MIMKD on torch 2.13). So with kd and vanilla the networks
-    are compiled; with MIMKD its critics are. The distiller's own ``forward`` (loss terms, memory banks,
+    Networks that carry a :class:`~mimkd.features.FeatureTap` (every feature method's student and teacher)
+    compile too: the tap's hooks record only inside its scoped capture and skip the version counters while
+    compiling, so dynamo keeps one graph with recording on (the training step) and one with it off
+    (evaluation). The distiller's own ``forward`` (loss terms, memory banks,
     negative sampling with its data-dependent loops) stays eager. Compilation happens at the first step; a
     failure is reported by :class:`TrainStep` as one line naming the compiler error. Returns ``distiller``.
     """
     for _, child in distiller.named_children():
-        if not any(True for _ in child.parameters()):
-            continue
-        if any(m._forward_hooks or m._forward_pre_hooks for m in child.modules()):
-            continue
-        child.compile(**options)
+        if any(True for _ in child.parameters()):
+            child.compile(**options)
     return distiller

@@ -12,10 +12,9 @@ high. Summaries written before the two were told apart have ``diverged: true`` w
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .run_state import RunSetup, RunState
 
 __all__ = [
     "build_summary",
@@ -69,64 +68,81 @@ def describe_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in counts.items() if n)
 
 
-def build_summary(t: Trainer, records: list[dict[str, Any]], session_seconds: float) -> dict[str, Any]:
-    """The summary of trainer ``t``'s finished run from its epoch ``records``; ``session_seconds``: the wall
-    time of this session (earlier sessions of a resumed run are in ``t.wall_before``)."""
+def build_summary(
+    setup: RunSetup,
+    state: RunState,
+    records: list[dict[str, Any]],
+    session_seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary of a finished run from its setup, its final state and its epoch ``records``;
+    ``session_seconds``: the wall time of this session (earlier sessions of a resumed run are in
+    ``state.wall_before``); ``extra``: entries the caller adds (data, teacher, parameter counts)."""
+    cfg, d, info = setup.cfg, setup.distiller, setup.student_info
     last = next((r for r in reversed(records) if "test.top1" in r), {})
     rates = [r["images_per_s"] for r in records if "images_per_s" in r]
     summary = {
         "status": "finished",
-        "method": t.distiller.name,
-        "student": t.student_info.arch,
-        "epochs": t.cfg.optim.epochs,
+        "method": d.name,
+        "student": info.arch,
+        "epochs": cfg.optim.epochs,
         "last": {
             "epoch": last.get("epoch"),
             "top1": last.get("test.top1"),
             "top5": last.get("test.top5"),
         },
-        "best": t.best,
-        "wall_time_s": t.wall_before + session_seconds,
+        "best": state.best,
+        "wall_time_s": state.wall_before + session_seconds,
         "images_per_s": sum(rates) / len(rates) if rates else None,
-        "student_input_shape": list(t.train_set.image_shape),  # C, H, W (latency, export, probes)
-        "num_classes": t.student_info.num_classes,
-        "skipped_batches": t.skipped,
-        "speed": {
-            "precision": t.cfg.train.precision,
-            "compile": t.cfg.train.compile,
-            "channels_last": t.cfg.train.channels_last,
-            "nonfinite_check": t.check,
-            "data_on_device": t.storage == t.device,
-            "world_size": t.dist.world_size,
-            "global_batch": t.cfg.optim.batch_size * t.dist.world_size,
-            "lr_factor": t.lr_factor,
-        },
-        **t.extra_summary,
+        "student_input_shape": list(setup.train_set.image_shape),  # C, H, W (latency, export, probes)
+        "num_classes": info.num_classes,
+        "skipped_batches": state.skipped,
+        "speed": _speed(setup),
+        **(extra or {}),
     }
-    if t.cfg.train.measure_latency:  # what the student costs on a CPU, batch 1 (median ms)
+    if cfg.train.measure_latency:  # what the student costs on a CPU, batch 1 (median ms)
         from mimkd.evaluation.latency import latency_profile
 
-        prof = latency_profile(t.distiller.student, tuple(t.train_set.image_shape), runs=30)
+        prof = latency_profile(d.student, tuple(setup.train_set.image_shape), runs=30)
         summary["student_cpu_latency_ms"] = {k: v["median_ms"] for k, v in prof.items()}
-    nets = t.distiller.networks()
-    if len(nets) > 1:
-        summary["networks"] = {
-            name: {
-                "arch": t.student_info.arch if i == 0 else t.distiller.network_arch(name),
-                "params": sum(p.numel() for p in net.parameters()),
-                "last": {
-                    "epoch": last.get("epoch"),
-                    "top1": last.get("test.top1" if i == 0 else f"test.{name}.top1"),
-                    "top5": last.get("test.top5" if i == 0 else f"test.{name}.top5"),
-                },
-                "best": t.best if i == 0 else t.best_networks.get(name),
-            }
-            for i, (name, net) in enumerate(nets.items())
-        }
-    if not t.evaluates:
+    if len(d.networks()) > 1:
+        summary["networks"] = _networks(setup, state, last)
+    if not setup.evaluated:
         summary["evaluation"] = (
             "none: a label-free pre-training has no trained classifier; measure it with mimkd finetune"
         )
-    chance = chance_top1(t.student_info.num_classes)
+    chance = chance_top1(info.num_classes)
     summary["near_chance"] = bool(last.get("test.top1") is not None and last["test.top1"] < 1.5 * chance)
     summary["diverged"] = False  # a finished run; one stopped by a non-finite loss never gets here
     return summary
+
+
+def _speed(setup: RunSetup) -> dict[str, Any]:
+    t = setup.cfg.train
+    return {
+        "precision": t.precision,
+        "compile": t.compile,
+        "channels_last": t.channels_last,
+        "nonfinite_check": setup.check,
+        "data_on_device": setup.storage == setup.device,
+        "world_size": setup.dist.world_size,
+        "global_batch": setup.cfg.optim.batch_size * setup.dist.world_size,
+        "lr_factor": setup.lr_factor,
+    }
+
+
+def _networks(setup: RunSetup, state: RunState, last: dict[str, Any]) -> dict[str, Any]:
+    d = setup.distiller
+    return {
+        name: {
+            "arch": setup.student_info.arch if i == 0 else d.network_arch(name),
+            "params": sum(p.numel() for p in net.parameters()),
+            "last": {
+                "epoch": last.get("epoch"),
+                "top1": last.get("test.top1" if i == 0 else f"test.{name}.top1"),
+                "top5": last.get("test.top5" if i == 0 else f"test.{name}.top5"),
+            },
+            "best": state.best if i == 0 else state.best_networks.get(name),
+        }
+        for i, (name, net) in enumerate(d.networks().items())
+    }

@@ -13,9 +13,15 @@ step and resumed ends with weights bit-identical to an uninterrupted run.
 Methods with several networks (DML, DCM) list them in ``distiller.networks()``: each is evaluated every
 evaluation epoch (``test.<name>.top1`` in the metrics), each gets its own best checkpoint (``best.pt`` for the
 first, ``best_<name>.pt`` for the others) and the summary reports every network. A label-free method
-(``uses_labels = False``, KDEP pre-training) trains on batches without labels and is not evaluated: its
-classifier is untrained; ``mimkd finetune`` measures what it learnt. A method's ``offline_pass`` (KDEP's SVD)
-runs once before training, with a progress bar, and its result is part of ``last.pt``.
+(``Capabilities(uses_labels=False, evaluated=False)``, KDEP pre-training) trains on batches without labels
+and is not evaluated: its classifier is untrained; ``mimkd finetune`` measures what it learnt. A method's
+``offline_pass`` (KDEP's SVD) runs once before training, with a progress bar, and its result is part of
+``last.pt``.
+
+Structure: the run's fixed facts are a :class:`~mimkd.engine.run_state.RunSetup`, its position and records a
+:class:`~mimkd.engine.run_state.RunState` (what ``last.pt`` and ``summary.json`` are built from); every
+epoch, of the main stage and of the init stages, runs through :class:`~mimkd.engine.loop.EpochLoop`, and every
+step gives the method a :class:`~mimkd.distillers.step_context.StepContext`.
 
 Speed (``train.*``): the step is :class:`~mimkd.engine.step.TrainStep` (``precision`` bf16 autocast,
 ``nonfinite_check``), ``compile`` compiles the networks and the method's modules, ``channels_last`` keeps
@@ -35,7 +41,6 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ from mimkd.config import RunConfig
 from mimkd.data import BatchIterator, ImageDataset, eval_batches
 from mimkd.data.loader import storage_device
 from mimkd.distillers.base import Distiller
+from mimkd.distillers.step_context import StepContext
 from mimkd.errors import CheckpointError, ConfigError, MimkdWarning, NonFiniteLossError
 from mimkd.evaluation.accuracy import topk_correct
 
@@ -52,23 +58,16 @@ from . import distributed
 from .checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .distributed import DistInfo, evaluate_sharded
 from .identity import identity_mismatch, teacher_identity
-from .init_stages import InitProgress, run_init_stages
-from .logging import LaggedScalars, Meter, MetricsLog, NullLog, progress_bar, write_json
+from .init_stages import run_init_stages
+from .logging import MetricsLog, NullLog, progress_bar, write_json
+from .loop import EpochLoop
 from .recipe import build_optimizer, lr_at, param_groups, set_lr
+from .run_state import RunSetup, RunState, StudentInfo
 from .step import NonFiniteStatus, TrainStep, compile_distiller, resolve_check
 from .summary import build_summary
 from .term_grads import TermGradients
 
 __all__ = ["Trainer", "StudentInfo"]
-
-
-@dataclass
-class StudentInfo:
-    """What a checkpoint records about the student so it can be rebuilt (and used as a teacher)."""
-
-    arch: str
-    num_classes: int
-    in_channels: int
 
 
 class Trainer:
@@ -87,51 +86,37 @@ class Trainer:
         extra_summary: dict[str, Any] | None = None,
         dist_info: DistInfo | None = None,
     ) -> None:
-        self.cfg = cfg
-        t = cfg.train
-        self.dist = dist_info if dist_info is not None else distributed.current()
-        self.is_main = self.dist.is_main
-        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-        self.distiller = distiller.to(device=device, memory_format=self.memory_format)
-        self.device = device
+        t, o = cfg.train, cfg.optim
+        dist = dist_info if dist_info is not None else distributed.current()
+        fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.distiller = distiller.to(device=device, memory_format=fmt)
         self.run_dir = Path(run_dir)
-        self.student_info = student_info
         self.extra_summary = dict(extra_summary or {})
-        o = cfg.optim
-        self.storage = storage_device(t.data_on_device, train_set, device)
-        if len(train_set) < o.batch_size * self.dist.world_size:
+        storage = storage_device(t.data_on_device, train_set, device)
+        if len(train_set) < o.batch_size * dist.world_size:
             raise ConfigError(
-                f"optim.batch_size={o.batch_size} × {self.dist.world_size} process(es) is larger than the "
+                f"optim.batch_size={o.batch_size} × {dist.world_size} process(es) is larger than the "
                 f"training set ({len(train_set)} images)"
             )
         self.iterator = BatchIterator(
-            train_set,
-            o.batch_size,
-            shuffle=True,
-            drop_last=True,
-            seed=cfg.seed,
-            device=device,
-            augment=augment,
-            with_labels=distiller.uses_labels,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            storage_device=self.storage,
-        )
-        self.test_set = test_set.to(device) if self.storage == device else test_set
-        self.train_set = train_set
-        self.augment = augment
-        self.init_progress = InitProgress()  # the method's init stages (AB, FT, FSP, FitNets hints)
-        self.init_optimizer: torch.optim.Optimizer | None = None
-        self.steps_per_epoch = len(self.iterator)
-        if cfg.train.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
-        self.check = resolve_check(t.nonfinite_check, device)
+            train_set, o.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, device=device,
+            augment=augment, with_labels=distiller.uses_labels, rank=dist.rank, world_size=dist.world_size,
+            storage_device=storage,
+        )  # fmt: skip
+        self.test_set = test_set.to(device) if storage == device else test_set
+        spe = len(self.iterator)
+        if t.max_steps_per_epoch:
+            spe = min(spe, t.max_steps_per_epoch)
+        check = resolve_check(t.nonfinite_check, device)
+        self.setup = RunSetup(
+            cfg, self.distiller, train_set, augment, device, storage, dist, fmt, spe, check,
+            float(dist.world_size) if o.scale_lr else 1.0, student_info,
+        )  # fmt: skip
         self.optimizer = build_optimizer(
             o,
             param_groups(distiller.trainable_named_parameters(), distiller.lr_scales()),
-            fused=self.check == "deferred",
+            fused=check == "deferred",
         )
-        self.lr_factor = float(self.dist.world_size) if o.scale_lr else 1.0
         if t.compile:
             compile_distiller(self.distiller)
         self.model = distributed.wrap(self.distiller, device)  # DDP under torchrun, else the distiller
@@ -139,22 +124,22 @@ class Trainer:
             self.model,
             self.optimizer,
             precision=t.precision,
-            check=self.check,
+            check=check,
             on_nonfinite=t.on_nonfinite,
             max_skipped=t.max_skipped_batches,
         )
-        self.epoch = 0
-        self.step = 0  # steps done in self.epoch
-        self.global_step = 0
-        self.meter = Meter()
-        self.grad_meter = Meter()  # the epoch's logged steps of train.log_term_grads
+        self.state = RunState()
         self.term_grads = self._term_grads()
-        self.best = {"epoch": -1, "top1": -1.0, "top5": 0.0}
-        self.best_networks: dict[str, dict[str, Any]] = {}  # the other networks' best epochs (DML, DCM)
-        self.evaluates = distiller.uses_labels  # a label-free pre-training has no trained classifier
-        self.skipped = 0
-        self.wall_before = 0.0  # wall time of earlier sessions of this run (resume)
         self.teacher_identity = self._teacher_identity()
+
+    # the fixed facts, by their usual names
+    cfg = property(lambda self: self.setup.cfg)
+    device = property(lambda self: self.setup.device)
+    memory_format = property(lambda self: self.setup.memory_format)
+    train_set = property(lambda self: self.setup.train_set)
+    steps_per_epoch = property(lambda self: self.setup.steps_per_epoch)
+    is_main = property(lambda self: self.setup.is_main)
+    dist = property(lambda self: self.setup.dist)
 
     def _term_grads(self) -> TermGradients | None:
         if not self.cfg.train.log_term_grads:
@@ -212,8 +197,9 @@ class Trainer:
             yield from group["params"]
 
     # ------------------------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        info = self.student_info
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything ``last.pt`` holds (collective in a distributed run: the meters are summed)."""
+        info, st = self.setup.student_info, self.state
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -225,36 +211,19 @@ class Trainer:
             "method_state": self.distiller.method_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": capture_rng(self.device),
-            "epoch": self.epoch,
-            "step": self.step,
-            "global_step": self.global_step,
+            **st.position(),
             "world_size": self.dist.world_size,
-            "meter": self.meter.reduced().state_dict(),  # every rank's images (collective)
-            "grad_meter": self.grad_meter.state_dict(),
-            "best": dict(self.best),
-            "best_networks": {k: dict(v) for k, v in self.best_networks.items()},
-            "skipped": self.skipped,
-            "init": self._init_state(),
-            "wall_time": self.wall_before + (time.time() - self._t0),
+            "meter": st.meter.reduced().state_dict(),  # every rank's images (collective)
+            "grad_meter": st.grad_meter.state_dict(),
+            "wall_time": st.wall_before + (time.time() - self._t0),
             "config": self.cfg.model_dump(mode="json"),
-            "input": self.input_spec(),
+            "input": self.setup.input_spec(),
             "teacher_identity": self.teacher_identity,
         }
 
-    def input_spec(self) -> dict[str, Any]:
-        """What the student's input must be: ``shape`` (C, H, W) and the normalisation it was trained with
-        (``x = (pixels / 255 - mean) / std`` per channel); recorded in every checkpoint (export, probes)."""
-        ds = self.train_set
-        return {"shape": list(ds.image_shape), "mean": list(ds.mean), "std": list(ds.std), "data": ds.name}
-
-    def _init_state(self) -> dict[str, Any]:
-        if self.init_optimizer is not None:
-            self.init_progress.optimizer_state = self.init_optimizer.state_dict()
-        return self.init_progress.state_dict()
-
     def save(self, name: str = "last.pt") -> None:
         """Write the resume state (rank 0 writes; every rank must call it: the meters are summed)."""
-        state = self.state()
+        state = self.checkpoint_state()
         if self.is_main:
             atomic_save(state, self.run_dir / name)
 
@@ -278,20 +247,13 @@ class Trainer:
         self.distiller.load_method_state_dict(ck["method_state"])
         self.optimizer.load_state_dict(ck["optimizer"])
         restore_rng(ck["rng"], self.device)
-        self.epoch, self.step, self.global_step = ck["epoch"], ck["step"], ck["global_step"]
+        st = self.state
+        st.load_position(ck, len(self.distiller.init_stages()))
         if self.is_main:  # the saved meter holds every rank's images: load it once
-            self.meter.load_state_dict(ck["meter"], self.device)
+            st.meter.load_state_dict(ck["meter"], self.device)
         if "grad_meter" in ck:
-            self.grad_meter.load_state_dict(ck["grad_meter"], self.device)
-        self.best = ck["best"]
-        self.best_networks = ck.get("best_networks", {})
-        self.skipped = ck.get("skipped", 0)
-        self.train_step.load_skipped(self.skipped)
-        if "init" in ck:
-            self.init_progress.load_state_dict(ck["init"])
-        else:  # a checkpoint from before init stages existed: its run had none left to do
-            self.init_progress.done = len(self.distiller.init_stages())
-        self.wall_before = float(ck.get("wall_time", 0.0))
+            st.grad_meter.load_state_dict(ck["grad_meter"], self.device)
+        self.train_step.load_skipped(st.skipped)
 
     # ------------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -304,30 +266,35 @@ class Trainer:
         last = self.run_dir / "last.pt"
         if resume and last.exists():
             self.load(last)
+        st = self.state
         log: MetricsLog | NullLog = (
             MetricsLog(
                 self.run_dir,
                 tensorboard=self.cfg.train.tensorboard,
-                purge_step=self.global_step if resume else None,
+                purge_step=st.global_step if resume else None,
             )
             if self.is_main
             else NullLog()
         )
         n_init = len(self.distiller.init_stages())
-        p = self.init_progress
-        log.truncate_from_epoch(self.epoch, (p.done, p.epoch) if p.done < n_init else None)
-        epochs = self.cfg.optim.epochs
+        p = st.init
+        log.truncate_from_epoch(st.epoch, (p.done, p.epoch) if p.done < n_init else None)
         try:
             if not self.distiller.offline_ready():
                 self._offline_pass()
                 self.save()
-            run_init_stages(self, log)
-            self.train_step.load_skipped(self.skipped)
-            while self.epoch < epochs:
-                self._train_epoch(log)
+            self.run_init_stages(log)
+            self.train_step.load_skipped(st.skipped)
+            loop = self._main_loop()
+            while st.epoch < self.cfg.optim.epochs:
+                self._train_epoch(loop, log)
         finally:
             log.close()
         return self.finish(log)
+
+    def run_init_stages(self, log: MetricsLog | NullLog) -> None:
+        """Run (or finish, after a resume) the method's init stages."""
+        run_init_stages(self.setup, self.state, log, self.save, self._after_refusal)
 
     def _offline_pass(self) -> None:
         """The method's pass over the training images (normalised, unaugmented, no labels).
@@ -351,106 +318,102 @@ class Trainer:
             if not self.is_main:
                 self.distiller.load_method_state_dict(state)
 
-    def _train_epoch(self, log: MetricsLog | NullLog) -> None:
-        cfg, d = self.cfg, self.distiller
-        d.train()
-        epoch, spe = self.epoch, self.steps_per_epoch
-        bar = progress_bar(
-            spe,
-            f"epoch {epoch + 1}/{cfg.optim.epochs}",
-            cfg.train.progress if self.is_main else False,
-            initial=self.step,
+    def _main_loop(self) -> EpochLoop:
+        return EpochLoop(
+            self.train_step,
+            on_status=self._after_refusal,
+            progress=self.cfg.train.progress if self.is_main else False,
+            world_size=self.dist.world_size,
+            memory_format=self.memory_format,
+            checkpoint=self.save,
+            checkpoint_every=self.cfg.train.checkpoint_every_steps,
         )
-        shown = LaggedScalars()
-        t_epoch, images_seen = time.time(), 0
-        try:
-            for batch in self.iterator.epoch(epoch, start_step=self.step):
-                if self.step >= spe:
-                    break
-                set_lr(self.optimizer, lr_at(cfg.optim, epoch, self.step, spe) * self.lr_factor)
-                images = batch.images.contiguous(memory_format=self.memory_format)
-                every = cfg.train.log_term_grads
-                probe = self.term_grads if every and self.global_step % every == 0 else None
-                out = self.train_step(
-                    images, batch.labels, batch.index, position=(epoch, self.step), inspect=probe
-                )
-                if out.grads:
-                    self.grad_meter.add(out.grads, 1, keep=out.keep)
-                    log.scalars(out.grads, self.global_step)
-                if out.applied is False:  # refused (check="step"): skipped, or the run stops here
-                    self._after_refusal(self.train_step.status())
-                    self.step += 1
-                    continue
-                n = images.shape[0]
-                values = {f"loss.{k}": v for k, v in out.terms.items()}
-                values["loss.total"] = out.total
-                values.update({f"metric.{k}": v for k, v in d.metrics.items()})
-                if batch.labels is not None and out.logits is not None:
-                    values["train.top1"] = topk_correct(out.logits, batch.labels, (1,))[0].float() * (
-                        100.0 / n
-                    )
-                self.meter.add(values, n, keep=out.keep)
-                self.step += 1
-                self.global_step += 1
-                images_seen += n
-                if not bar.disable and (bar.n % 10 == 0 or self.step == spe):
-                    shown.push({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("loss.")})
-                    rate = images_seen * self.dist.world_size / max(time.time() - t_epoch, 1e-9)
-                    latest = {k: f"{v:.3f}" for k, v in (shown.latest() or {}).items()}
-                    bar.set_postfix(latest | {"img/s": f"{rate:.0f}"}, refresh=False)
-                bar.update(1)
-                if self.step % cfg.train.checkpoint_every_steps == 0 and self.step < spe:
-                    self._check_nonfinite()
-                    self.save()
-        finally:
-            bar.close()
-        self._end_epoch(log, images_seen, time.time() - t_epoch)
+
+    def _train_epoch(self, loop: EpochLoop, log: MetricsLog | NullLog) -> None:
+        cfg, d, st, setup = self.cfg, self.distiller, self.state, self.setup
+        d.train()
+        every = cfg.train.log_term_grads
+
+        def set_step_lr(ctx: StepContext) -> None:
+            lr = lr_at(cfg.optim, ctx.epoch, ctx.step, ctx.steps_per_epoch) * setup.lr_factor
+            set_lr(self.optimizer, lr)
+
+        def inspect(ctx: StepContext):
+            return self.term_grads if every and st.global_step % every == 0 else None
+
+        def record(out, batch, n: int) -> dict[str, Any]:
+            if out.grads:
+                st.grad_meter.add(out.grads, 1, keep=out.keep)
+                log.scalars(out.grads, st.global_step)
+            values = {f"loss.{k}": v for k, v in out.terms.items()}
+            values["loss.total"] = out.total
+            values.update({f"metric.{k}": v for k, v in d.metrics.items()})
+            if batch.labels is not None and out.logits is not None:
+                top1 = topk_correct(out.logits, batch.labels, (1,))[0].float() * (100.0 / n)
+                values["train.top1"] = top1
+            st.meter.add(values, n, keep=out.keep)
+            st.global_step += 1
+            return values
+
+        epoch = st.epoch
+        stats = loop.run(
+            self.iterator.epoch(epoch, start_step=st.step),
+            st,
+            steps=setup.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            context=lambda step: setup.main_context(epoch, step),
+            record=record,
+            before_step=set_step_lr,
+            inspect=inspect,
+        )
+        self._end_epoch(log, stats.images, stats.seconds)
 
     def _check_nonfinite(self) -> None:
         """Read the step's non-finite state (a device read in deferred mode: only at boundaries)."""
         self._after_refusal(self.train_step.status())
 
     def _after_refusal(self, status: NonFiniteStatus) -> None:
-        self.skipped = status.skipped
+        self.state.skipped = status.skipped
         if status.halted:
             self._halt(status)
 
     def _halt(self, status: NonFiniteStatus) -> None:
         """Stop the run for a non-finite loss: summary.json says so, last.pt stays the last good state."""
-        epoch, step = status.position if status.position is not None else (self.epoch, self.step)
+        ctx = status.position
+        if not isinstance(ctx, StepContext):
+            ctx = self.setup.main_context(self.state.epoch, self.state.step)
+        where = "" if ctx.stage == "main" else f"init stage {ctx.stage}, "
         values = ", ".join(str(v) for v in status.values)
         msg = (
-            f"non-finite loss at epoch {epoch + 1}, step {step + 1}: term(s) {', '.join(status.terms)} = "
-            f"{values}"
+            f"non-finite loss at {where}epoch {ctx.epoch + 1}, step {ctx.step + 1}: term(s) "
+            f"{', '.join(status.terms)} = {values}"
         )
         if self.is_main:
-            write_json(self.run_dir / "summary.json", {"status": "diverged", "error": msg, "epoch": epoch})
+            diverged = {"status": "diverged", "error": msg, "epoch": ctx.epoch}
+            write_json(self.run_dir / "summary.json", diverged)
         raise NonFiniteLossError(
             f"{msg}. The step was refused; last.pt holds the last good state. Lower the learning rate or "
             "that term's weight, or pass --set train.on_nonfinite=skip to skip such batches."
         )
 
     def _end_epoch(self, log: MetricsLog | NullLog, images_seen: int, seconds: float) -> None:
-        cfg = self.cfg
+        cfg, st = self.cfg, self.state
         self._check_nonfinite()
         record: dict[str, Any] = {
-            "epoch": self.epoch,
-            "lr": lr_at(cfg.optim, self.epoch, 0, self.steps_per_epoch) * self.lr_factor,
+            "epoch": st.epoch,
+            "lr": lr_at(cfg.optim, st.epoch, 0, self.steps_per_epoch) * self.setup.lr_factor,
         }
-        record.update(self.meter.reduced().means())
-        record.update(self.grad_meter.means())
-        last_epoch = self.epoch + 1 == cfg.optim.epochs
-        if self.evaluates and ((self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
+        record.update(st.meter.reduced().means())
+        record.update(st.grad_meter.means())
+        last_epoch = st.epoch + 1 == cfg.optim.epochs
+        if self.setup.evaluated and ((st.epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
             self._evaluate_networks(record)
         record["images_per_s"] = images_seen * self.dist.world_size / max(seconds, 1e-9)  # all ranks
         record["epoch_seconds"] = seconds
-        record["wall_time"] = self.wall_before + (time.time() - self._t0)
-        record["skipped_batches"] = self.skipped
-        log.write(record, self.global_step)
-        self.epoch += 1
-        self.step = 0
-        self.meter = Meter()
-        self.grad_meter = Meter()
+        record["wall_time"] = st.wall_before + (time.time() - self._t0)
+        record["skipped_batches"] = st.skipped
+        log.write(record, st.global_step)
+        st.next_epoch()
         self.save()
 
     def _evaluate_networks(self, record: dict[str, Any]) -> None:
@@ -461,23 +424,25 @@ class Trainer:
             prefix = "test" if i == 0 else f"test.{name}"
             record.update({f"{prefix}.top1": res["top1"], f"{prefix}.top5": res["top5"]})
             record[f"{prefix}.loss"] = res["loss"]
-            best = self.best if i == 0 else self.best_networks.get(name, {"top1": -1.0})
+            st = self.state
+            best = st.best if i == 0 else st.best_networks.get(name, {"top1": -1.0})
             if res["top1"] <= best["top1"]:
                 continue
-            best = {"epoch": self.epoch, "top1": res["top1"], "top5": res["top5"]}
+            best = {"epoch": st.epoch, "top1": res["top1"], "top5": res["top5"]}
             if i == 0:
-                self.best = best
-                state = {k: v for k, v in self.state().items() if k not in ("optimizer", "rng", "meter")}
+                st.best = best
+                ck = self.checkpoint_state()
+                state = {k: v for k, v in ck.items() if k not in ("optimizer", "rng", "meter")}
                 if self.is_main:
                     atomic_save(state, self.run_dir / "best.pt")
             else:
-                self.best_networks[name] = best
+                st.best_networks[name] = best
                 if self.is_main:
                     atomic_save(self._network_state(name, net), self.run_dir / f"best_{name}.pt")
 
     def _network_state(self, name: str, net: torch.nn.Module) -> dict[str, Any]:
         """A checkpoint of one cohort network alone, loadable as a teacher or exportable."""
-        info = self.student_info
+        info = self.setup.student_info
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -486,10 +451,10 @@ class Trainer:
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
             "network": name,
-            "epoch": self.epoch,
-            "best": dict(self.best_networks[name]),
+            "epoch": self.state.epoch,
+            "best": dict(self.state.best_networks[name]),
             "config": self.cfg.model_dump(mode="json"),
-            "input": self.input_spec(),
+            "input": self.setup.input_spec(),
         }
 
     def evaluate(self, net: torch.nn.Module | None = None) -> dict[str, float]:
@@ -510,7 +475,8 @@ class Trainer:
             distributed.barrier()
 
     def _write_summary(self, log: MetricsLog | NullLog) -> dict[str, Any]:
-        summary = build_summary(self, log.records(), time.time() - self._t0)
+        seconds = time.time() - self._t0
+        summary = build_summary(self.setup, self.state, log.records(), seconds, self.extra_summary)
         write_json(self.run_dir / "summary.json", summary)
         return summary
 

@@ -1,11 +1,8 @@
-"""Linear-probe transfer: ``mimkd probe`` (the protocol of the MIMKD paper's Table 3).
+"""Linear-probe transfer, the feature side: the frozen student, its input adaptation, its features.
 
-The student is frozen; its pre-classifier features — the input of its final ``nn.Linear``, the one that runs
-last in a forward pass (``feat[-1]`` in RepDistiller's terms, 128-d for WRN-16-2) — are extracted once for
-the train and test splits of another dataset, and one ``nn.Linear`` trained on the cached training features
-is evaluated on the test features (top-1, %).
-
-How the probe dataset is adapted to the student (our choice, after CRD's protocol):
+:func:`mimkd.engine.linear_probe.linear_probe` (``mimkd probe``, the protocol of the MIMKD paper's Table 3)
+trains a linear classifier on what this module extracts. How the probe dataset is adapted to the student
+(our choice, after CRD's protocol):
 
 * **size**: images are resized to the student's training image size — the run's ``data.image_size``, else
   the native size of the dataset it was trained on (32 for CIFAR students, so STL-10 96→32 and TinyImageNet
@@ -17,55 +14,37 @@ How the probe dataset is adapted to the student (our choice, after CRD's protoco
   folder trees) the student's training split is loaded to compute them, as training did;
 * no augmentation; the full test split.
 
-Linear classifier ([PROPOSAL]; the paper does not state it): ``nn.Linear(feature_dim, classes)`` initialised
-at zero (the probe is a convex problem, so zero is a neutral start and leaves the seed only the minibatch
-order), plain SGD with momentum 0.9, weight decay 5e-4 (the CIFAR recipes' value; 0 is allowed), batch 256
-(the last, smaller batch of an epoch kept), lr 0.1 decayed ×0.1 at 60 % and 80 % of the epochs (100 epochs →
-milestones 60 and 80), cross-entropy on the raw (unstandardised) features. Minibatch order comes from a
-:class:`torch.Generator` seeded with ``seed``, so a probe on CPU is bit-for-bit deterministic for a seed.
-
-The result is a dict (written by :func:`write_probe_result` as JSON beside the checkpoint by the CLI):
-``dataset, checkpoint, arch, feature_dim, train_images, test_images, epochs, lr, train_top1, test_top1,
-seconds`` plus the protocol details (``image_size``, ``mean``, ``std``, ``weight_decay``, ...).
+The features are the input of the student's final ``nn.Linear``, the one that runs last in a forward pass
+(``feat[-1]`` in RepDistiller's terms, 128-d for WRN-16-2), extracted once per split.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mimkd.data import ImageDataset, dataset_spec, eval_batches, load_dataset, stratified_subset
+from mimkd.data import ImageDataset, dataset_spec, eval_batches, load_dataset
 from mimkd.errors import CheckpointError, DataError, MimkdError, ModelError
 from mimkd.features import FeatureTap, probe_forward
 
 __all__ = [
     "LUMA",
-    "linear_probe",
-    "write_probe_result",
     "resolve_checkpoint_file",
     "load_frozen_student",
     "student_input_spec",
     "classifier_input",
     "adapt_images",
-    "probe_milestones",
     "default_output",
-    "register_cli",
+    "extract_features",
+    "load_probe_split",
 ]
 
 #: ITU-R 601 luminance weights for RGB→grey.
 LUMA = (0.299, 0.587, 0.114)
-#: The lr is multiplied by ``GAMMA`` at these fractions of the epochs.
-MILESTONE_FRACTIONS = (0.6, 0.8)
-GAMMA = 0.1
-MOMENTUM = 0.9
 
 
 # -- the student ------------------------------------------------------------------------------------------
@@ -261,7 +240,7 @@ def adapt_images(images: torch.Tensor, channels: int) -> torch.Tensor:
     )
 
 
-def _load_probe_split(
+def load_probe_split(
     name: str,
     root: str | Path | None,
     split: str,
@@ -276,7 +255,7 @@ def _load_probe_split(
 
 
 @torch.no_grad()  # not inference_mode: FeatureTap reads version counters, which inference tensors lack
-def _extract(
+def extract_features(
     model: nn.Module, point: str, ds: ImageDataset, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     tap = FeatureTap(model, [point])
@@ -296,165 +275,6 @@ def _extract(
     return torch.cat(chunks)
 
 
-# -- the probe --------------------------------------------------------------------------------------------
-def probe_milestones(epochs: int) -> list[int]:
-    """Epochs after which the lr is multiplied by :data:`GAMMA`: 60 % and 80 % of ``epochs`` (floored;
-    milestones outside ``[1, epochs - 1]`` are dropped)."""
-    return sorted({m for m in (math.floor(f * epochs) for f in MILESTONE_FRACTIONS) if 1 <= m < epochs})
-
-
-def _top1(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
-    with torch.inference_mode():
-        correct = sum(
-            int((head(x[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum()) for i in range(0, len(x), chunk)
-        )
-    return 100.0 * correct / len(x)
-
-
-def linear_probe(
-    checkpoint: str | Path,
-    data: str,
-    data_root: str | Path | None = None,
-    *,
-    epochs: int = 100,
-    lr: float = 0.1,
-    batch_size: int = 256,
-    weight_decay: float = 5e-4,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    threads: int | None = None,
-    train_fraction: float = 1.0,
-    test_fraction: float = 1.0,
-    image_size: int | None = None,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-) -> dict[str, Any]:
-    """Linear-probe transfer of a frozen student: top-1 of a linear classifier trained on its
-    pre-classifier features of ``data``'s train split, on ``data``'s test split.
-
-    Args:
-        checkpoint: a mimkd checkpoint file, or a run directory (its ``last.pt``; pass ``RUN/best.pt`` for the
-            best epoch).
-        data, data_root: the probe dataset (``mimkd datasets`` lists them) and its directory.
-        epochs, lr, batch_size, weight_decay, seed: the linear classifier's SGD (momentum 0.9, lr ×0.1 at 60 %
-            and 80 % of the epochs; see the module docstring).
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        threads: CPU threads for torch (``torch.set_num_threads``; process-wide).
-        train_fraction: a stratified subset (subset seed 0, fixed across probe seeds) of the probe's training
-            split, for label-scarce transfer.
-        test_fraction: a stratified subset of the test split — for smoke tests only; reports use 1.0.
-        image_size, mean, std: override the student's training input size / normalisation (needed only for
-            checkpoints that do not record their training data).
-
-    Returns:
-        ``{"dataset", "checkpoint", "arch", "feature_dim", "train_images", "test_images", "epochs", "lr",
-        "train_top1", "test_top1", "seconds", ...}`` with accuracies in %.
-    """
-    t0 = time.perf_counter()
-    for what, v in (("train_fraction", train_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < v <= 1.0:
-            raise DataError(f"{what} must lie in (0, 1], got {v}")
-    if epochs < 1 or batch_size < 1 or not lr > 0 or weight_decay < 0:
-        raise MimkdError(
-            f"need epochs >= 1, batch_size >= 1, lr > 0 and weight_decay >= 0; got epochs {epochs}, "
-            f"batch_size {batch_size}, lr {lr}, weight_decay {weight_decay}"
-        )
-    spec = dataset_spec(data)  # an unknown name fails here, before any loading, listing the known ones
-    from mimkd.engine.setup import resolve_device
-
-    dev = resolve_device(str(device))
-    if threads:
-        torch.set_num_threads(threads)
-    path = resolve_checkpoint_file(checkpoint)
-    net, ck, arch = load_frozen_student(path)
-    channels = int(ck["in_channels"])
-    size, m, s, trained_on = student_input_spec(path, ck, channels, image_size=image_size, mean=mean, std=std)
-    train = _load_probe_split(spec.name, data_root, "train", size, channels, m, s)
-    test = _load_probe_split(spec.name, data_root, "test", size, channels, m, s)
-    if train.classes != test.classes:
-        raise DataError(f"{spec.name!r}: the train and test splits have different classes")
-    if train_fraction < 1.0:
-        train = train.subset(stratified_subset(train.labels, train_fraction, 0))
-    if test_fraction < 1.0:
-        test = test.subset(stratified_subset(test.labels, test_fraction, 0))
-    if len(train) == 0 or len(test) == 0:
-        raise DataError(f"{spec.name!r}: an empty split ({len(train)} train, {len(test)} test images)")
-
-    net.to(dev)
-    sample = next(eval_batches(train.subset(torch.arange(min(2, len(train)))), 2, dev)).images
-    point = classifier_input(net, sample)
-    t_feat = time.perf_counter()
-    x_train = _extract(net, point, train, 256, dev)
-    x_test = _extract(net, point, test, 256, dev)
-    y_train, y_test = train.labels.to(dev), test.labels.to(dev)
-    feature_seconds = time.perf_counter() - t_feat
-
-    dim, classes = x_train.shape[1], train.num_classes
-    head = nn.Linear(dim, classes).to(dev)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
-    milestones = probe_milestones(epochs)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=GAMMA)
-    gen = torch.Generator().manual_seed(int(seed))
-    n = len(x_train)
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(dev)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if not torch.isfinite(loss):
-            raise MimkdError(
-                f"the linear probe diverged (loss {float(loss)} in epoch {epoch + 1}): lower the lr "
-                f"(--lr, now {lr})"
-            )
-        sched.step()
-
-    return {
-        "dataset": spec.name,
-        "data_root": str(data_root) if data_root is not None else None,
-        "checkpoint": str(path),
-        "arch": arch,
-        "feature_dim": int(dim),
-        "train_images": len(train),
-        "test_images": len(test),
-        "epochs": epochs,
-        "lr": lr,
-        "train_top1": _top1(head, x_train, y_train),
-        "test_top1": _top1(head, x_test, y_test),
-        "seconds": time.perf_counter() - t0,
-        "feature_seconds": feature_seconds,
-        "feature_point": point,
-        "classes": classes,
-        "image_size": size,
-        "channels": channels,
-        "mean": list(m),
-        "std": list(s),
-        "student_data": trained_on,
-        "batch_size": batch_size,
-        "weight_decay": weight_decay,
-        "momentum": MOMENTUM,
-        "milestones": milestones,
-        "gamma": GAMMA,
-        "seed": seed,
-        "train_fraction": train_fraction,
-        "test_fraction": test_fraction,
-    }
-
-
-def write_probe_result(result: dict[str, Any], path: str | Path) -> Path:
-    """Write ``result`` as JSON to ``path`` atomically (temp file + rename); returns the path."""
-    from mimkd.engine.logging import write_json
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    write_json(p, result)
-    return p
-
-
 def default_output(checkpoint: str | Path, data: str) -> Path:
     """``probe_<data>.json`` in the run directory (the checkpoint's directory); a checkpoint file other than
     ``last.pt`` gets ``probe_<data>_<stem>.json`` so probes of ``best.pt`` and ``last.pt`` do not collide."""
@@ -463,72 +283,3 @@ def default_output(checkpoint: str | Path, data: str) -> Path:
         return p / f"probe_{data}.json"
     suffix = "" if p.stem == "last" else f"_{p.stem}"
     return p.parent / f"probe_{data}{suffix}.json"
-
-
-# -- the command ------------------------------------------------------------------------------------------
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def cmd_probe(a: argparse.Namespace) -> int:
-    """``mimkd probe``: run :func:`linear_probe`, print one line, write the JSON result."""
-    result = linear_probe(
-        a.checkpoint,
-        a.data,
-        a.data_root,
-        epochs=a.epochs,
-        lr=a.lr,
-        batch_size=a.batch_size,
-        weight_decay=a.weight_decay,
-        seed=a.seed,
-        device=a.device,
-        threads=a.threads,
-        train_fraction=a.train_fraction,
-        image_size=a.image_size,
-        mean=a.mean,
-        std=a.std,
-    )
-    out = write_probe_result(result, a.out or default_output(a.checkpoint, result["dataset"]))
-    print(
-        f"probe {result['arch']} on {result['dataset']}: test top-1 {result['test_top1']:.2f}  "
-        f"train top-1 {result['train_top1']:.2f}  ({result['feature_dim']}-d features, "
-        f"{result['train_images']}/{result['test_images']} images, {result['epochs']} epochs, "
-        f"{result['seconds']:.1f} s) -> {out}"
-    )
-    return 0
-
-
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``probe`` subcommand to ``subparsers`` (the ``add_subparsers()`` of the ``mimkd`` parser)."""
-    p = subparsers.add_parser(
-        "probe",
-        help="linear-probe transfer: a linear classifier on a frozen student's features of another dataset",
-        description="Freeze the student of a checkpoint, extract its pre-classifier features (the input of "
-        "its final nn.Linear) for a dataset's train and test splits — resized to the student's input size, "
-        "channels converted, normalised as the student was trained — and train a linear classifier on them "
-        "(SGD momentum 0.9, lr x0.1 at 60% and 80% of the epochs). Prints the test top-1 and writes JSON.",
-    )
-    p.add_argument(
-        "checkpoint", metavar="CKPT_OR_RUN_DIR", help="checkpoint file, or run directory (its last.pt)"
-    )
-    p.add_argument("--data", required=True, help="probe dataset (mimkd datasets lists them)")
-    p.add_argument("--data-root", help="probe dataset directory (default: the dataset's standard location)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-fraction", type=float, default=1.0, help="stratified fraction of the train split")
-    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument(
-        "--image-size", type=int, help="student input size (default: recorded in the checkpoint's run)"
-    )
-    p.add_argument("--mean", type=_floats, help="student normalisation mean, e.g. 0.507,0.487,0.441")
-    p.add_argument("--std", type=_floats, help="student normalisation std (default: its training dataset's)")
-    p.add_argument("--out", help="result JSON (default: probe_<data>.json in the checkpoint's run directory)")
-    p.set_defaults(fn=cmd_probe)
-    return p

@@ -37,8 +37,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def probe_runs(run_dir: Path, datasets: list[str], roots: dict[str, str], epochs: int, lr: float) -> dict:
-    """The linear probes of a finished student (spec §1.9), each kept as ``probe_<data>.json``."""
-    from mimkd.evaluation.probe import linear_probe, write_probe_result
+    """The linear probes of a finished student (MIMKD's Table 3), each kept as ``probe_<data>.json``."""
+    from mimkd.engine.linear_probe import linear_probe, write_probe_result
 
     out = {}
     for data in datasets:

@@ -83,6 +83,9 @@ class BankContrast(nn.Module):
         # CRD's normalising constants, fixed at the first call (negative = not yet set)
         self.register_buffer("z_student_anchor", torch.tensor(-1.0))
         self.register_buffer("z_teacher_anchor", torch.tensor(-1.0))
+        # whether each constant is set, mirrored on the host so that a step never reads the device for it
+        self._z_set = {"z_student_anchor": False, "z_teacher_anchor": False}
+        self.register_load_state_dict_post_hook(_mirror_z)
 
     @property
     def num_samples(self) -> int:
@@ -118,7 +121,7 @@ class BankContrast(nn.Module):
         return out
 
     def _direction(
-        self, z: Tensor, bank: MemoryBank, idx: Tensor, z_const: Tensor, other: Tensor
+        self, z: Tensor, bank: MemoryBank, idx: Tensor, z_name: str, other: Tensor
     ) -> tuple[Tensor, Tensor]:
         if self.positive == "live":  # the other network's current embedding of the same image
             pos = (z * other.to(z.dtype)).sum(1, keepdim=True)
@@ -129,8 +132,10 @@ class BankContrast(nn.Module):
             loss = infonce_loss(logits[:, 0], logits[:, 1:])
             return loss, math.log(logits.shape[1]) - loss.detach()
         prob = torch.exp(logits)
-        if float(z_const) < 0:  # first call: fix Z = mean(exp(score))·N, as CRD does (global batch mean)
+        z_const = getattr(self, z_name)
+        if not self._z_set[z_name]:  # first call: fix Z = mean(exp(score))·N, as CRD does (global batch mean)
             z_const.fill_(float(mean_over_ranks(prob.detach().mean(), z.shape[0])) * self.num_samples)
+            self._z_set[z_name] = True
         prob = prob / z_const
         loss = crd_nce_loss(prob[:, 0], prob[:, 1:], self.num_samples)
         return loss, -loss.detach()
@@ -145,13 +150,18 @@ class BankContrast(nn.Module):
         idx = self.sampler.sample(index)
         losses, estimates = [], []
         if self.directions in ("both", "student"):
-            loss, est = self._direction(z_student, self.bank_teacher, idx, self.z_student_anchor, z_teacher)
+            loss, est = self._direction(z_student, self.bank_teacher, idx, "z_student_anchor", z_teacher)
             losses.append(loss)
             estimates.append(est)
         if self.directions in ("both", "teacher"):
-            loss, est = self._direction(z_teacher, self.bank_student, idx, self.z_teacher_anchor, z_student)
+            loss, est = self._direction(z_teacher, self.bank_student, idx, "z_teacher_anchor", z_student)
             losses.append(loss)
             estimates.append(est)
         self.bank_student.update(index, z_student)
         self.bank_teacher.update(index, z_teacher)
         return sum(losses), sum(estimates) / len(estimates)
+
+
+def _mirror_z(module: BankContrast, incompatible_keys: object) -> None:
+    """After a state dict is loaded, mirror which constants are set (one read each, at load time)."""
+    module._z_set = {k: bool(getattr(module, k) >= 0) for k in module._z_set}

@@ -1,4 +1,4 @@
-"""CRD's momentum memory bank and class-aware negative sampling (spec §1.3, §2.3 CRD).
+"""CRD's momentum memory bank and class-aware negative sampling (docs/methods/crd.md).
 
 One :class:`MemoryBank` holds one side's embeddings (``M_s`` or ``M_t``) for every training sample; MIMKD's
 global infoNCE term, CRD and WCoRD all read it. :class:`ClassAwareNegativeSampler` draws the bank indices an
@@ -39,9 +39,8 @@ __all__ = [
 FULL_MATRIX_RATIO = 1.25
 """``MemoryBank.scores(strategy='auto')`` computes the full ``B×N`` score matrix when ``B·(K+1) >= ratio·N``.
 
-Measured on the development CPU (B = 64, D = 128, N ∈ {6000, 50000}, forward and forward+backward): the two
-strategies tie around ``B·(K+1)/N ≈ 1–1.4``; above it the full matrix wins by 27× (N = 50000,
-K = 16384) and 47× (N = 6000, K = 4096). See ``results/bench_memory_bank.md``."""
+The two strategies were measured to tie around ``B·(K+1)/N ≈ 1–1.4``, the full matrix winning clearly above
+it (timings: results/dev_cpu_notes.md, ``results/bench_memory_bank.md``)."""
 
 
 def _distributed_world() -> int:
@@ -96,7 +95,7 @@ K ≈ 50–65% of the pool; both CRD's K = 16384 and MIMKD's K = 4096 of ~49500 
 
 
 class MemoryBank(nn.Module):
-    """CRD's momentum memory bank (spec §1.3): one ``D``-dim embedding per training sample.
+    """CRD's momentum memory bank (docs/methods/crd.md): one ``D``-dim embedding per training sample.
 
     The ``N×D`` table is the buffer ``memory`` (saved in the state_dict, moved by ``.to()``, never trained),
     initialised i.i.d. uniform in ``[-a, a]`` with ``a = 1/sqrt(D/3)`` (rows not normalised). Rows are read
@@ -140,6 +139,11 @@ class MemoryBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_samples={self.num_samples}, dim={self.dim}, momentum={self.momentum}"
+
+    def ddp_local_buffers(self) -> list[str]:
+        """Buffers DistributedDataParallel must not broadcast: every rank updates its bank identically
+        (:meth:`update` all-gathers), so a broadcast would only cost bandwidth."""
+        return [n for n, _ in self.named_buffers(recurse=False)]
 
     def rows(self, idx: Tensor) -> Tensor:
         """The stored rows ``M[idx]`` (detached), shape ``idx.shape + (D,)``."""
@@ -196,7 +200,7 @@ class MemoryBank(nn.Module):
     def update(self, idx: Tensor, z: Tensor) -> None:
         """``M[i] ← normalise(m·M[i] + (1-m)·z_i)`` for the anchors ``idx`` (B,) with embeddings ``z`` (B×D).
 
-        Touched rows become unit-norm (spec §4). If an index occurs several times (e.g. a distributed
+        Touched rows become unit-norm. If an index occurs several times (e.g. a distributed
         sampler's padding), the last occurrence wins, deterministically. Under ``torch.distributed`` the
         update uses every rank's ``(idx, z)`` (see class docstring).
         """
@@ -221,7 +225,7 @@ class MemoryBank(nn.Module):
 
 
 class ClassAwareNegativeSampler:
-    """Bank indices for CRD's ``mode='exact'`` (spec §1.3): ``[anchor, K negatives of other classes]``.
+    """Bank indices for CRD's ``mode='exact'`` (docs/methods/crd.md): ``[anchor, K other-class negatives]``.
 
     ``labels``: the class of every training sample (LongTensor ``(N,)``, any integer values). For each anchor
     the K negatives are drawn uniformly *without* replacement from the samples whose class differs from the
