@@ -2,8 +2,8 @@
 
 glibc's malloc hands every allocation above 32 MB back to the kernel when it is freed, so each training step
 page-faults its largest activations in again (MIMKD's 32x32 critics write several 268 MB tensors per step).
-On this project's 2-core CPU that costs 3-5x on those tensors: a relu into fresh memory takes 105 ms, into
-reused memory 20 ms. tcmalloc keeps freed memory for reuse. PyTorch's own CPU launcher
+That makes the ops writing those tensors several times slower (timings: results/dev_cpu_notes.md).
+tcmalloc keeps freed memory for reuse. PyTorch's own CPU launcher
 (``torch.backends.xeon.run_cpu``) preloads it for the same reason; here the ``mimkd`` command re-executes
 itself once with ``LD_PRELOAD`` set when ``libtcmalloc_minimal`` is installed (Debian:
 ``libtcmalloc-minimal4``, which ``scripts/setup.sh`` installs). ``MIMKD_ALLOCATOR=system`` turns it off.

@@ -122,7 +122,8 @@ class TrainConfig(_Strict):
     progress: bool | None = None  # None: a bar only when stderr is a terminal
     tensorboard: bool = True
     eval_teacher: bool = True  # the teacher's test accuracy in summary.json (a check that it loaded right)
-    channels_last: bool = True  # NHWC tensors: 1.4-2x faster for the small CNNs on CPU, the usual GPU win
+    # NHWC tensors: faster for the small CNNs on CPU (timings: results/dev_cpu_notes.md), the usual GPU win
+    channels_last: bool = True
     max_steps_per_epoch: int | None = Field(None, ge=1)  # for smoke runs
     measure_latency: bool = True  # the student's single-image CPU latency in summary.json (1 / all threads)
     # Speed (see mimkd.engine.step and results/engine_options_cpu.md for what was measured on a CPU).
@@ -227,8 +228,8 @@ def default_recipe(dataset: str) -> str:
 
 _SMALL_LR_ARCHS = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
 
-#: Training recipes. ``cifar`` is RepDistiller's (spec §1.7/§2.1), ``imagenet`` the standard PyTorch ResNet
-#: recipe, ``fashion_mnist`` the short stand-in preset that runs on a 2-core CPU.
+#: Training recipes. ``cifar`` is RepDistiller's (docs/methods/vanilla.md), ``imagenet`` the standard
+#: PyTorch ResNet recipe, ``fashion_mnist`` the short stand-in preset that runs on a 2-core CPU.
 RECIPES: dict[str, dict[str, Any]] = {
     "cifar": dict(
         optimizer="sgd",

@@ -52,7 +52,7 @@ DEMO: dict[str, Any] = {
         "kd": {},  # RepDistiller's weights: 0.1 CE + 0.9 KD, T = 4
         # The paper's weights and estimators; the critics are narrowed from 512 to 32 channels to suit a
         # 28k-parameter student (measured on the fair stand-in: 32 and 128 wide end within 0.3 points, 512
-        # costs 15x the 32-wide step), and K = 393 is 8 % of the 4,800 images.
+        # is far slower; timings: results/dev_cpu_notes.md), and K = 393 is 8 % of the 4,800 images.
         "mimkd": {"critic_width": 32, "num_negatives": 393},
         # the same plus logit KD (CE 1, KD 1, T = 4): results/fair_fmnist/
         "mimkd+kd": {"critic_width": 32, "num_negatives": 393},

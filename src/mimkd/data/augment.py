@@ -139,7 +139,8 @@ def _crop_flip(
     rows = offsets[:, 0:1] + ar_h  # n×h, indices into the padded image
     cols = offsets[:, 1:2] + cols  # n×w
     padded = F.pad(images, (padding, padding, padding, padding))
-    # One gather over the flattened padded plane (3× faster on CPU than a 4-index advanced-indexing gather).
+    # One gather over the flattened padded plane (faster on CPU than a 4-index advanced-indexing gather;
+    # timings: results/dev_cpu_notes.md).
     wp = w + 2 * padding
     flat = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
     return padded.view(n, c, -1).gather(2, flat).view(n, c, h, w)

@@ -1,9 +1,9 @@
-"""``at``: attention transfer (Zagoruyko & Komodakis; spec §2.3, RepDistiller ``Attention``).
+"""``at``: attention transfer (Zagoruyko & Komodakis; docs/methods/at.md, RepDistiller ``Attention``).
 
 For a map ``F`` (B×C×H×W) the attention map is ``a(F) = L2normalise(flatten(mean_c |F|^p))`` (B×HW, p = 2).
 Per pair ``mean_{B×HW} (a_s − a_t)²``; summed over the pairs of ``feat[1:-1]`` taken by position (zip
 truncation), the larger map adaptive-avg-pooled to the smaller one's size first. The channel mean makes the
-loss independent of the channel counts. Defaults: γ = 1, α = 0, β = 1000 (spec §2.2).
+loss independent of the channel counts. Defaults: γ = 1, α = 0, β = 1000 (RepDistiller).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""``cc``: correlation congruence (Peng et al.; spec §2.3, RepDistiller ``Correlation``, as restructured).
+"""``cc``: correlation congruence (Peng et al.; docs/methods/cc.md; RepDistiller ``Correlation``).
 
 Two trainable ``Linear(d → 128)`` embeddings (no normalisation), one on each network's ``feat[-1]``
 (flattened); with ``Δ = |e_s − e_t|`` (B×128) the loss is ``mean_{i<B−1} Σ_d Δ_{i,d}·Δ_{i+1,d}``
 (consecutive samples of the batch; not the paper's Taylor-kernel correlation). Both embeddings are
-optimised with the student. Defaults: γ = 1, α = 0, β = 0.02, embedding width 128 (spec §2.2,
-RepDistiller ``--feat_dim``).
+optimised with the student. Defaults: γ = 1, α = 0, β = 0.02, embedding width 128 (RepDistiller's
+command line and ``--feat_dim``).
 """
 
 from __future__ import annotations

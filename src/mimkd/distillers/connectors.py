@@ -1,4 +1,4 @@
-"""Parts shared by the baselines with connectors or initialisation stages (spec §2.1, §2.3).
+"""Parts shared by the baselines with connectors or init stages (docs/methods/: fitnets, ab, ft, fsp).
 
 * :class:`ConvReg`: RepDistiller's regressor from a student map to a teacher map's shape (FitNets' hint
   regressor with ReLU; AB's connector without): ``conv3×3 s2 p1`` if ``H_s = 2H_t``, ``ConvTranspose 4×4 s2
@@ -26,7 +26,7 @@ __all__ = ["ConvReg", "modules_up_to", "label_terms", "without_prefixes"]
 
 
 class ConvReg(nn.Module):
-    """Map a ``C_s×H_s×W_s`` student map to the teacher's ``C_t×H_t×W_t`` (spec §2.3 FitNets).
+    """Map a ``C_s×H_s×W_s`` student map to the teacher's ``C_t×H_t×W_t`` (docs/methods/fitnets.md).
 
     Args:
         s_shape, t_shape: ``(C, H, W)`` of the student and the teacher map (no batch dimension).

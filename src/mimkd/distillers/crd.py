@@ -1,4 +1,4 @@
-"""``crd`` and ``crd+kd``: Contrastive Representation Distillation (Tian et al., ICLR 2020; spec §2.3, §1.3).
+"""``crd``, ``crd+kd``: Contrastive Representation Distillation (Tian et al., ICLR 2020; docs/methods/crd.md).
 
 Both networks' pre-classifier vectors ``feat[-1]`` go through their own trainable ``Embed`` (``Linear(d→128)``
 then L2 normalisation). The embeddings are contrasted against CRD's two momentum memory banks
@@ -9,15 +9,16 @@ positive) and ``K = 16384`` rows of samples of other classes, ``τ = 0.07``. The
 probability ``K/N``, eps 1e-7), summed over the two directions; then both banks are updated with momentum 0.5
 and their touched rows re-normalised.
 
-Weights (spec §2.2): ``crd`` is ``γ = 1, α = 0, β = 0.8``; ``crd+kd`` is ``γ = 1, α = 1, β = 0.8`` (KD T = 4).
+Weights (RepDistiller's command line): ``crd`` is ``γ = 1, α = 0, β = 0.8``; ``crd+kd`` is ``γ = 1, α = 1,
+β = 0.8`` (KD T = 4).
 The method needs the training labels (negatives come from other classes) and each sample's dataset index
 (``forward(images, labels, index)``).
 
 Speed: the bank scores come from one ``z @ Mᵀ`` GEMM over the whole ``N×128`` bank followed by a gather
-(:meth:`~mimkd.mi.memory.MemoryBank.scores`), instead of RepDistiller's gather of ``B×(K+1)×128`` rows. On
-the 2-core development CPU (B = 64, N = 50,000, K = 16384) the contrast costs about 0.11 s per step, forward
-and backward: four 64×128×50,000 GEMMs (two directions, forward and backward, ~50 ms), the class-aware
-negative sampler (~30 ms) and the element-wise NCE over 2×64×16385 scores with its gather/scatter (~30 ms).
+(:meth:`~mimkd.mi.memory.MemoryBank.scores`), instead of RepDistiller's gather of ``B×(K+1)×128`` rows. A
+step's contrast is then four ``B×128×N`` GEMMs (two directions, forward and backward), the class-aware
+negative sampler and the element-wise NCE over ``2×B×(K+1)`` scores with its gather/scatter (timings:
+results/dev_cpu_notes.md).
 
 Deviations from RepDistiller: negatives are drawn on the fly by the distiller (class-aware, without
 replacement, as the reference's ``mode='exact'``) rather than by the data loader; the L2 normalisation has

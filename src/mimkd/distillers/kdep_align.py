@@ -1,5 +1,5 @@
-"""KDEP's feature alignment pieces (spec §3.2, supplementary B.3): pure tensor functions and the offline
-statistics, kept apart from the distiller (:mod:`mimkd.distillers.kdep`).
+"""KDEP's feature alignment pieces (docs/methods/kdep.md, supplementary B.3): pure tensor functions and the
+offline statistics, kept apart from the distiller (:mod:`mimkd.distillers.kdep`).
 
 * :func:`pts`: power temperature scaling ``PTS(x) = sign(x)·|x/T|^{1/n}`` (T = 0.1, n = 3: released code).
 * :class:`FeatureStats`: one streaming pass over the teacher's pooled features ``X`` (N×d) accumulating, in
@@ -56,7 +56,7 @@ ALIGNMENT_FILE = "kdep_alignment.pt"
 def pts(x: Tensor, temperature: float = 0.1, power: float = 3.0) -> Tensor:
     """Power temperature scaling ``sign(x)·|x/T|^{1/n}``: odd, monotone, sign- and order-preserving.
 
-    ``PTS(0) = 0``, ``PTS(T) = 1``; with T = 0.1, n = 3: ``PTS(0.8) = 2``, ``PTS(−2.7) = −3`` (spec §4).
+    ``PTS(0) = 0``, ``PTS(T) = 1``; with T = 0.1, n = 3: ``PTS(0.8) = 2``, ``PTS(−2.7) = −3``.
     """
     return torch.sign(x) * (x.abs() / temperature).pow(1.0 / power)
 

@@ -1,9 +1,9 @@
-"""``nst``: neuron selectivity transfer (Huang & Wang; spec §2.3, RepDistiller ``NSTLoss``).
+"""``nst``: neuron selectivity transfer (Huang & Wang; docs/methods/nst.md, RepDistiller ``NSTLoss``).
 
 Per pair of ``feat[1:-1]`` maps (taken by position, the larger pooled to the smaller size) each channel's
 spatial map is L2-normalised (B×C×HW); with the polynomial kernel ``k(a, b) = (aᵀb)²`` the loss is the MMD²
 ``mean k(t, t) (detached) + mean k(s, s) − 2·mean k(s, t)`` over all channel pairs of a sample and the
-batch; summed over the pairs. Channel counts may differ. Defaults: γ = 1, α = 0, β = 50 (spec §2.2).
+batch; summed over the pairs. Channel counts may differ. Defaults: γ = 1, α = 0, β = 50 (docs/methods/nst.md).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""``pkt``: probabilistic knowledge transfer (Passalis & Tefas; spec §2.3, RepDistiller ``PKT``).
+"""``pkt``: probabilistic knowledge transfer (Passalis & Tefas; docs/methods/pkt.md, RepDistiller ``PKT``).
 
 On ``feat[-1]`` (flattened): each vector is divided by ``‖x‖ + ε``, cosine-similarity matrices (B×B) are
 mapped to ``(c + 1)/2`` and each row normalised to sum to one (conditional probabilities ``p_{j|i}``); loss
 ``mean_{ij} p_t log((p_t + ε)/(p_s + ε))`` with ε = 1e-7. Works for any two embedding widths.
-Defaults: γ = 1, α = 0, β = 30000 (spec §2.2).
+Defaults: γ = 1, α = 0, β = 30000 (RepDistiller).
 """
 
 from __future__ import annotations

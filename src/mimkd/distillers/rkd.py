@@ -1,10 +1,10 @@
-"""``rkd``: relational knowledge distillation (Park et al.; spec §2.3, RepDistiller ``RKDLoss``).
+"""``rkd``: relational knowledge distillation (Park et al.; docs/methods/rkd.md, RepDistiller ``RKDLoss``).
 
 On ``feat[-1]`` flattened to B×D: distance term ``smoothL1(ψ_D(s)/μ_s, ψ_D(t)/μ_t)`` with Euclidean pairwise
 distances (squared distances clamped at 1e-12 before the square root, diagonal zeroed) and ``μ`` the mean of
 the positive distances; angle term ``smoothL1`` over all B³ cosines ``⟨e_ij, e_ik⟩``, ``e_ij =
 normalise(x_j − x_i)``. Loss ``w_d·L_D + w_a·L_A`` (w_d = 25, w_a = 50); the teacher side carries no gradient.
-Relations only, so the embedding widths may differ. Defaults: γ = 1, α = 0, β = 1 (spec §2.2).
+Relations only, so the embedding widths may differ. Defaults: γ = 1, α = 0, β = 1 (RepDistiller).
 """
 
 from __future__ import annotations

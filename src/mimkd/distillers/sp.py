@@ -1,8 +1,8 @@
-"""``sp``: similarity-preserving distillation (Tung & Mori; spec §2.3, RepDistiller ``Similarity``).
+"""``sp``: similarity-preserving distillation (Tung & Mori; docs/methods/sp.md, RepDistiller ``Similarity``).
 
 On the last feature map ``feat[-2]`` flattened to B×D: ``G = F·Fᵀ`` (B×B), each row L2-normalised, loss
 ``‖G_t − G_s‖_F² / B²``. ``G`` is B×B whatever the channel counts and spatial sizes, so no pooling is needed.
-Defaults: γ = 1, α = 0, β = 3000 (spec §2.2).
+Defaults: γ = 1, α = 0, β = 3000 (RepDistiller's command line).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``vid``: Variational Information Distillation (Ahn et al., CVPR 2019), as in RepDistiller (spec §2.3).
+"""``vid``: Variational Information Distillation (Ahn et al., CVPR 2019; docs/methods/vid.md).
 
 For every position-paired ``(feat_s[k], feat_t[k])`` of the stage outputs ``feat[1:-1]`` (stem excluded; the
 lists are zipped, so the longer one is truncated) the student map goes through a regressor
@@ -9,9 +9,9 @@ that predicts the mean ``μ`` of a Gaussian over the teacher map ``t`` with a le
 ``σ² = softplus(s) + 1e-5`` (``s`` initialised so that ``σ² = 5.0``). The loss is the Gaussian negative
 log-likelihood without its constant, ``mean(0.5·((μ − t)²/σ² + log σ²))`` over batch, channels and locations,
 summed over the pairs. When the spatial sizes differ the larger map is adaptive-average-pooled to the smaller
-one first (the student map before the regressor). Weights: ``γ = 1, α = 0, β = 1`` (spec §2.2).
+one first (the student map before the regressor). Weights: ``γ = 1, α = 0, β = 1`` (RepDistiller).
 
-At initialisation a zero regressor output and a zero target give ``0.5·ln 5 = 0.8047190`` per pair (spec §4).
+At initialisation a zero regressor output and a zero target give ``0.5·ln 5 = 0.8047190`` per pair (σ² = 5).
 
 Speed: the loss is reduced per channel first (``Σ_{b,h,w}(μ − t)²`` by one norm over the map, with a one-pass
 custom backward), so the ``B×C×H×W`` maps are read about three times per step instead of about eight.

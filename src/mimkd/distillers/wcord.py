@@ -1,7 +1,8 @@
 """``wcord`` and ``wcord+kd``: Wasserstein Contrastive Representation Distillation (Chen et al., CVPR 2021).
 
-Spec §3.1 ([P] from the supplement, [PROPOSAL] for what the main paper's Eq. 11 / 13 leave open). Total loss
-``γ·CE + α·KD + β·(λ1·L_GCKT + λ2·L_LCKT)``, terms logged as ``ce``, ``kd``, ``gckt``, ``lckt``.
+See docs/methods/wcord.md: the supplement's algorithm, with our choices where the main paper's Eq. 11 / 13
+leave it open. Loss ``γ·CE + α·KD + β·(λ1·L_GCKT + λ2·L_LCKT)``, terms logged as ``ce``, ``kd``, ``gckt``,
+``lckt``.
 
 * **Embeddings.** As CRD: each network's ``feat[-1]`` goes through its own trainable :class:`Embed`
   (``Linear(d→128)`` then L2 normalisation), ``e_T(h^T)`` and ``e_S(h^S)``.
@@ -37,16 +38,17 @@ Spec §3.1 ([P] from the supplement, [PROPOSAL] for what the main paper's Eq. 11
   (it cancels between the joint and the marginal term), so only LCKT pulls the student's common offset
   towards the teacher's; ``ot_cost`` may stay well above 0 although the plan, which is invariant to such
   offsets, already matches the right samples. ``sinkhorn="pot"`` uses POT's solver instead (same
-  updates, same plan; optional, ``pip install pot``); ours was the faster on batches 64–256
-  (lower minimum time in every case, 1.1–1.8×; ``results/bench_sinkhorn.md``), so it is the default.
-* **Weights.** λ1 = ``gckt_weight`` = 0.8, λ2 = ``lckt_weight`` = 0.1 (spec [PROPOSAL]; the supplement's
+  updates, same plan; optional, ``pip install pot``); ours was the faster on batches 64–256 (timings:
+  results/dev_cpu_notes.md, ``results/bench_sinkhorn.md``), so it is the default.
+* **Weights.** λ1 = ``gckt_weight`` = 0.8, λ2 = ``lckt_weight`` = 0.1 (our choice; the supplement's
   ablation fixes λ2 = 0.1 and finds λ1 = 0.8 best); β = ``weight`` = 1 scales both (RepDistiller's ``-b``;
   0 switches the method off). ``wcord``: γ = 1, α = 0; ``wcord+kd``: α = 1, KD T = 4. A term whose λ is 0 is
   not computed (λ1 = 0: no bank reads or updates).
 
 The method needs the training labels (class-aware negatives) and each sample's dataset index
-(``forward(images, labels, index)``), as CRD. Deviations and choices beyond the spec: Eq. 11 of the main
-paper could not be checked (spec: [R]); the GCKT form above is the spec's [PROPOSAL]. No gradient penalty.
+(``forward(images, labels, index)``), as CRD. Deviations and choices beyond the supplement: Eq. 11 of the
+main paper could not be checked; the GCKT form above is our reading (docs/methods/wcord.md). No gradient
+penalty.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class WassersteinBankContrast(nn.Module):
 
 
 class WCoRDOptions(BaselineOptions):
-    """Spec §3.1 [PROPOSAL]: CRD's bank settings, λ1 = 0.8, λ2 = 0.1, Sinkhorn ε = 0.05 × 50 iterations."""
+    """docs/methods/wcord.md: CRD's bank settings, λ1 = 0.8, λ2 = 0.1, Sinkhorn ε = 0.05 × 50 iterations."""
 
     weight: float = Field(1.0, ge=0.0)  # β, multiplies both terms
     gckt_weight: float = Field(0.8, ge=0.0)  # λ1

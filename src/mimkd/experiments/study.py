@@ -62,7 +62,7 @@ class ExcludeSpec(_Strict):
 
 
 class ProbeSpec(_Strict):
-    """The linear-probe transfer of every finished student (spec §1.9), on each dataset."""
+    """The linear-probe transfer of every finished student (docs/methods/mimkd.md), on each dataset."""
 
     datasets: list[str]
     roots: dict[str, str] = {}

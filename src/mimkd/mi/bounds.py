@@ -60,7 +60,7 @@ def jsd_bound(pos: Tensor, neg: Tensor, shift: bool = False) -> Tensor:
 
     ``pos`` and ``neg`` may have any (and different) shapes, e.g. ``B×1×m×m`` score maps or ``B`` vectors;
     each expectation is the mean over all elements of its own tensor, so one shuffled negative per positive
-    (§1.3) and DIM's all-pairs negatives (``B×(B-1)``) are both handled. The value is ``≤ 0``; it equals
+    (MIMKD) and DIM's all-pairs negatives (``B×(B-1)``) are both handled. The value is ``≤ 0``; it equals
     ``-log 4`` when all scores are 0.
 
     ``shift=True`` returns Deep InfoMax's shifted version (positive term ``log 2 - sp(-T)``, negative term

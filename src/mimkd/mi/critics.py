@@ -183,8 +183,8 @@ class ProjectionHead(nn.Module):
     """Deep InfoMax ``MIFCNet``-style projector with a linear shortcut.
 
     ``P(x) = W2·ReLU(BN1d(W1·x)) + b2 + W_sc·x + b_sc`` with ``W1: in_dim → hidden`` (no bias), ``W2: hidden →
-    out_dim`` and the shortcut ``W_sc: in_dim → out_dim`` (with bias). ``hidden`` defaults to ``out_dim`` (the
-    spec's ``D → D``). When ``out_dim >= in_dim`` the shortcut weight is initialised as DIM does,
+    out_dim`` and the shortcut ``W_sc: in_dim → out_dim`` (with bias). ``hidden`` defaults to ``out_dim`` (a
+    ``D → D`` second layer). When ``out_dim >= in_dim`` the shortcut weight is initialised as DIM does,
     ``uniform(-0.01, 0.01)`` with ones on the diagonal (so ``P`` starts near the identity embedding);
     otherwise (e.g. 2048 → 128) it keeps PyTorch's default init. Inputs ``B×in_dim`` (``B×in_dim×1×1`` is
     flattened).

@@ -1,4 +1,4 @@
-"""Entropic optimal transport by log-domain Sinkhorn iterations (generic; WCoRD's LCKT plan, spec §3.1).
+"""Entropic optimal transport by log-domain Sinkhorn iterations (generic; WCoRD: docs/methods/wcord.md).
 
 :func:`sinkhorn_log` solves ``min_π <π, C> − ε H(π)`` subject to ``π 1 = a``, ``πᵀ 1 = b`` for a cost ``C``
 (``n×m``, or a batch ``…×n×m``) and marginals ``a``, ``b`` (uniform ``1/n``, ``1/m`` by default). It runs a
@@ -7,7 +7,7 @@ fixed number of iterations on the scaled dual potentials ``u, v`` (``π = exp(�
 for ``C/ε`` above ~88 in float32). The update order is POT's ``ot.sinkhorn(method='sinkhorn_log')``: the
 column potential ``v`` first, then the row potential ``u``, so after the last iteration the row marginals are
 exact and the column marginals carry the remaining error. Unlike POT it has no convergence test (the
-iteration count is fixed, as the spec's [PROPOSAL] asks: 50) and no per-call backend dispatch.
+iteration count is fixed: WCoRD uses 50, docs/methods/wcord.md) and no per-call backend dispatch.
 
 ``benchmarks/bench_sinkhorn.py`` compares it with POT on WCoRD's batch sizes (``results/bench_sinkhorn.md``).
 The function is differentiable, but WCoRD treats the plan as a constant: call it under ``torch.no_grad()``.
