@@ -310,8 +310,8 @@ def discover_points(model: nn.Module, sample_input: torch.Tensor) -> FeaturePoin
 def pair_by_size(
     teacher_maps: Iterable[FeatureSpec], student_maps: Iterable[FeatureSpec]
 ) -> list[tuple[FeatureSpec, FeatureSpec]]:
-    """MIMKD's set R (spec §1.5): for every spatial size present in both lists, the deepest map of that size
-    on each side; pairs ordered shallow to deep (by the student's order)."""
+    """MIMKD's set R (docs/methods/mimkd.md): for every spatial size present in both lists, the deepest map
+    of that size on each side; pairs ordered shallow to deep (by the student's order)."""
 
     def deepest(maps: Iterable[FeatureSpec]) -> OrderedDict[tuple[int, int], FeatureSpec]:
         out: OrderedDict[tuple[int, int], FeatureSpec] = OrderedDict()

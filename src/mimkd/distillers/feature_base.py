@@ -1,7 +1,8 @@
-"""Shared wiring of the baseline zoo (spec §2): ``L = γ·CE + α·KD + β·L_method`` over tapped features.
+"""Shared wiring of the baseline zoo: ``L = γ·CE + α·KD + β·L_method`` over tapped features
+(docs/methods/README.md).
 
 A baseline method file holds a pure loss function on tensors, an options class with RepDistiller's
-command-line defaults (spec §2.2) and a thin :class:`FeatureDistiller` subclass that
+command-line defaults (docs/methods/README.md) and a thin :class:`FeatureDistiller` subclass that
 
 * says which feature points it needs (:meth:`FeatureDistiller.points`), in RepDistiller's vocabulary
   (:class:`FeatureLists`: ``feat[:-1]`` = ``stages``, ``feat[1:-1]`` = ``maps``, ``feat[-2]`` = ``last_map``,
@@ -43,7 +44,7 @@ class BaselineOptions(MethodOptions):
 
 @dataclass(frozen=True)
 class FeatureLists:
-    """RepDistiller's feature lists for one network, as hook-point names (spec §0)."""
+    """RepDistiller's feature lists for one network, as hook-point names (docs/methods/README.md)."""
 
     points: FeaturePoints
 
@@ -83,7 +84,7 @@ class FeatureLists:
 
 
 def pool_to_common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Adaptive-average-pool the larger of two maps to the smaller one's spatial size (spec §2.3)."""
+    """Adaptive-average-pool the larger of two maps to the smaller one's spatial size (as RepDistiller)."""
     ha, hb = a.shape[2:], b.shape[2:]
     if ha == hb:
         return a, b

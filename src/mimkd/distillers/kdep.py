@@ -1,4 +1,6 @@
-"""``kdep``: knowledge distillation as efficient pre-training (He et al., CVPR 2022; spec §3.2; supp. B).
+"""``kdep``: knowledge distillation as efficient pre-training (He et al., CVPR 2022; supp. B).
+
+See docs/methods/kdep.md.
 
 A label-free pre-training of the student backbone from the teacher's penultimate features::
 
@@ -104,7 +106,7 @@ class KDEPOptions(MethodOptions):
 
 @register_distiller("kdep")
 class KDEP(Distiller):
-    """KDEP pre-training (spec §3.2): ``w · MSE(pool(pre-ReLU student), A(pool(pre-ReLU teacher)))``."""
+    """KDEP pre-training: ``w · MSE(pool(pre-ReLU student), A(pool(pre-ReLU teacher)))``."""
 
     Options = KDEPOptions
     capabilities = Capabilities(uses_labels=False, evaluated=False)  # a label-free pre-training

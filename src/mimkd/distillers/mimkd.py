@@ -1,27 +1,28 @@
-"""``mimkd``: Mutual Information Maximisation Knowledge Distillation (spec §1).
+"""``mimkd``: Mutual Information Maximisation Knowledge Distillation (docs/methods/mimkd.md, docs/mimkd.md).
 
-``L = α·CE − λ_g·Î_g − λ_l·Î_l − λ_f·Î_f`` (§1.1), with
+``L = α·CE − λ_g·Î_g − λ_l·Î_l − λ_f·Î_f`` (docs/mimkd.md), with
 
 * **global** (Eq. 3): teacher and student pre-classifier vectors through the "project and dot" critic
   (:class:`~mimkd.mi.critics.ProjectDotCritic`); infoNCE over 4096 negatives from CRD's momentum memory
-  banks in both directions (§1.3 [PROPOSAL]), or CRD's NCE form, or — the ablation — JSD with one shuffled
-  negative and no bank;
+  banks in both directions (our choice, docs/mimkd.md), or CRD's NCE form, or — the ablation — JSD with
+  one shuffled negative and no bank;
 * **local** (Eq. 4): the teacher vector replicated over the student map of the deepest pair in R, scored at
   every location by a concat-and-1×1-conv critic, JSD, one shuffled negative (a derangement of the batch);
 * **feature** (Eq. 5): one concat-and-1×1-conv critic per pair of same-sized maps in R, region-consistent
   negatives (same location, other image), JSD, averaged over pairs.
 
-R (§1.5 [PROPOSAL]) is built from FeatureTap's stage outputs without the stem: for every spatial size present
-in both networks, the deepest map of that size on each side, shallow to deep. A term with weight 0 is not
-computed and its critic is not built. Teacher tensors never carry gradients; critics, projection heads and
-the student all ascend the bounds (one optimiser, as the paper: not adversarial).
+R (our rule, docs/methods/mimkd.md) is built from FeatureTap's stage outputs without the stem: for every
+spatial size present in both networks, the deepest map of that size on each side, shallow to deep. A term with
+weight 0 is not computed and its critic is not built. Teacher tensors never carry gradients; critics,
+projection heads and the student all ascend the bounds (one optimiser, as the paper: not adversarial).
 
 Speed: the critics share the first layer between positive and negative pairs (the teacher half is permuted,
 not recomputed) and the replicated teacher vector's contribution is computed once per image
 (:meth:`~mimkd.mi.critics.ConcatConvCritic.pair_scores`); the bank scores come from one ``z @ Mᵀ``.
 
 Deviations from the paper (none stated there): logit KD off by default (``kd_weight=0``); critic
-initialisation is PyTorch's default; the [PROPOSAL] choices above, each exposed as an option. Remedies for
+initialisation is PyTorch's default; our choices above (where the paper is silent), each exposed as an
+option. Remedies for
 short schedules and small data, all off by default (``docs/mimkd.md``): ``global_positive="live"`` (the bank
 term's positive from the current batch instead of the one-epoch-stale bank row), ``critic_warmup_epochs``
 (an init stage training the critics and heads with the student frozen), ``critic_lr_scale``; and the named
@@ -53,13 +54,13 @@ __all__ = ["MIMKD", "MIMKDKD", "MIMKDKDOptions", "MIMKDOptions", "mimkd_jsd_term
 
 
 class MIMKDOptions(MethodOptions):
-    """MIMKD's options: the paper's weights (α=1, λ_g=1, λ_l=0.75, λ_f=1; §1.1), the spec's proposals."""
+    """MIMKD's options: the paper's weights (α=1, λ_g=1, λ_l=0.75, λ_f=1), our choices where it is silent."""
 
     ce_weight: float = Field(1.0, ge=0.0)  # α
     lambda_g: float = Field(1.0, ge=0.0)
     lambda_l: float = Field(0.75, ge=0.0)
     lambda_f: float = Field(1.0, ge=0.0)
-    kd_weight: float = Field(0.0, ge=0.0)  # [PROPOSAL] no logit KD by default
+    kd_weight: float = Field(0.0, ge=0.0)  # not in the paper: no logit KD by default
     kd_temperature: float = Field(4.0, gt=0.0)
     # global term
     global_estimator: Literal["infonce", "nce", "jsd"] = "infonce"
@@ -67,10 +68,10 @@ class MIMKDOptions(MethodOptions):
     # [DEVIATION when "live"] the bank term's positive: the sample's bank row (one epoch stale; the paper,
     # CRD) or the other network's embedding of the same image in the current batch (docs/mimkd.md)
     global_positive: Literal["bank", "live"] = "bank"
-    # Scores of the JSD global variant (the ablation). The spec proposes a raw dot product; measured on the
+    # Scores of the JSD global variant (the ablation). A raw dot product was the first design; measured on the
     # Fashion-MNIST stand-in it is unbounded and the run diverged to NaN within 30 steps (lr 0.05), so the
     # default scores unit-norm embeddings over the temperature, as the infoNCE variant does ("dot" keeps
-    # the spec's proposal).
+    # the raw dot product).
     jsd_global_score: Literal["cosine", "dot"] = "cosine"
     embed_dim: int = Field(128, ge=1)
     temperature: float = Field(0.07, gt=0.0)
@@ -98,7 +99,7 @@ def mimkd_jsd_term(critic: nn.Module, teacher: torch.Tensor, student: torch.Tens
 
     ``teacher`` is a map (feature term, Eq. 5) or a vector replicated over the student's locations (local
     term, Eq. 4); ``perm`` pairs each student tensor with another image's teacher tensor. Both expectations
-    average over locations and batch (the ``1/m²`` and batch means of §1.4).
+    average over locations and batch (the ``1/m²`` and batch means of Eqs. 4–5).
     """
     pos, neg = critic.pair_scores(teacher, student, perm)
     return jsd_loss(pos, neg), jsd_bound(pos.detach(), neg.detach())
@@ -110,7 +111,7 @@ def _maps(specs: dict[str, FeatureSpec], names: list[str]) -> list[FeatureSpec]:
 
 @register_distiller("mimkd")
 class MIMKD(Distiller):
-    """Global + local + feature MI maximisation with learned critics (spec §1)."""
+    """Global + local + feature MI maximisation with learned critics (docs/methods/mimkd.md)."""
 
     Options = MIMKDOptions
 

@@ -1,4 +1,6 @@
-"""Fine-tuning a trained backbone on a (new) dataset: ``mimkd finetune`` (spec §3.2, KDEP supplementary B.2).
+"""Fine-tuning a trained backbone on a (new) dataset: ``mimkd finetune`` (KDEP supplementary B.2).
+
+See docs/methods/kdep.md.
 
 A fine-tuning run is an ordinary run of the ``vanilla`` method through the normal :class:`Trainer` (run
 directory, metrics, summary, checkpoints, exact resume) whose config has a ``finetune`` section

@@ -1,8 +1,9 @@
 """Optimiser and learning-rate schedule from a resolved :class:`~mimkd.config.OptimConfig`.
 
 The schedule is a pure function of (epoch, step): nothing to save or restore, so a resumed run gets exactly
-the learning rate an uninterrupted one would. ``step`` follows RepDistiller (spec §2.1): epoch ``e``
-(0-based) uses ``lr · γ^{#milestones ≤ e}``, i.e. the decay takes effect after ``m`` completed epochs.
+the learning rate an uninterrupted one would. ``step`` follows RepDistiller (docs/methods/vanilla.md):
+epoch ``e`` (0-based) uses ``lr · γ^{#milestones ≤ e}``, i.e. the decay takes effect after ``m`` completed
+epochs.
 """
 
 from __future__ import annotations
