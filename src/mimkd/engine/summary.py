@@ -1,4 +1,4 @@
-"""The run summary (``summary.json``): what a finished run reports, built from the trainer and its records.
+"""The run summary (``summary.json``): what a finished run reports, from its setup, state and records.
 
 Last AND best epoch accuracy (the papers report the last; the best is chosen on the test set), throughput,
 the speed settings the run used, the student's single-image CPU latency, every network of a cohort (DML,
