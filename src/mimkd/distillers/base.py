@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
+from mimkd.errors import CheckpointError
 from mimkd.features import FeatureTap
 
 from .step_context import StepContext, accepts_context
@@ -226,8 +227,6 @@ class Distiller(nn.Module):
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            from mimkd.errors import CheckpointError
-
             raise CheckpointError(
                 f"method state of {self.name!r} does not match the checkpoint: missing {missing[:8]}, "
                 f"unexpected {unexpected[:8]} (was the run started with other method options?)"

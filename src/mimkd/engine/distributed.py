@@ -58,7 +58,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mimkd.data import eval_batches
 from mimkd.errors import ConfigError
+from mimkd.evaluation.accuracy import evaluate
 
 if TYPE_CHECKING:
     from mimkd.data import ImageDataset
@@ -306,9 +308,6 @@ def evaluate_sharded(
 ) -> dict[str, float]:
     """:func:`~mimkd.evaluation.accuracy.evaluate` over ``dataset``, sharded over the ranks of a distributed
     run (each rank its contiguous share; the counts summed), on every rank the same result."""
-    from mimkd.data import eval_batches
-    from mimkd.evaluation.accuracy import evaluate
-
     info = current()
     batches = eval_batches(dataset, batch_size, device, rank=info.rank, world_size=info.world_size)
     res = evaluate(net, batches, memory_format)

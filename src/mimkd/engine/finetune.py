@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from mimkd.config import FinetuneConfig, OptimConfig, RunConfig, load_config
 from mimkd.errors import CheckpointError, ConfigError, MimkdError, ModelError
+from mimkd.models.registry import model_factory
 
 from .checkpoint import extract_state_dict, load_checkpoint
 
@@ -94,8 +95,6 @@ def inspect_checkpoint(path: str | Path, arch: str | None = None) -> CheckpointI
             "--arch NAME (a zoo name, mimkd models, or package.module:factory)"
         )
     if ":" not in arch:
-        from mimkd.models.registry import model_factory
-
         try:
             model_factory(arch)
         except ModelError as e:

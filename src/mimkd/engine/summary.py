@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mimkd.evaluation.latency import latency_profile
+
 from .run_state import RunSetup, RunState
 
 __all__ = [
@@ -101,8 +103,6 @@ def build_summary(
         **(extra or {}),
     }
     if cfg.train.measure_latency:  # what the student costs on a CPU, batch 1 (median ms)
-        from mimkd.evaluation.latency import latency_profile
-
         prof = latency_profile(d.student, tuple(setup.train_set.image_shape), runs=30)
         summary["student_cpu_latency_ms"] = {k: v["median_ms"] for k, v in prof.items()}
     if len(d.networks()) > 1:
