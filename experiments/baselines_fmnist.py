@@ -5,9 +5,9 @@
 The teacher (``cnn_teacher``, cached like the demo's), the student (``conv4mp_w32``), 10 % of the training
 set, 15 epochs, SGD lr 0.05 cosine: ``mimkd demo``'s protocol until issue 16 (the demo now trains on 8 % for
 20 epochs; ``--reuse-demo DIR`` copies finished runs of an older demo). Each baseline uses its
-RepDistiller command-line weights (spec §2.2). Init stages (AB, FT, FSP, two-stage FitNets) are scaled with
-the schedule: RepDistiller's 30 init epochs before 240 main ones
-become 2 before 15. Methods that cannot apply to this pair (FSP: unequal channel counts) are reported as
+RepDistiller command-line weights (docs/methods/README.md). Init stages (AB, FT, FSP, two-stage
+FitNets) are scaled with the schedule: RepDistiller's 30 init epochs before 240 main ones become 2 before
+15. Methods that cannot apply to this pair (FSP: unequal channel counts) are reported as
 failed with their error, like RepDistiller's "N/A". ``crd_k2048`` / ``wcord_k2048`` are CRD / WCoRD with K
 scaled to the stand-in's training-set size (CRD's K/N ratio); every other row is the method's defaults.
 ``--methods vanilla,kd,crd,crd+kd,crd_k2048,wcord,wcord+kd,wcord_k2048 --results results/wcord_fmnist`` is

@@ -4,7 +4,7 @@
     python experiments/kdep_fmnist.py --seeds 1 --results results/kdep_alignments_fmnist \
         --alignments svd,svd-nopts,cs_var,cs_rand,interp,conv1x1_post_relu,conv1x1_pre_relu,conv1x1_margin
 
-Protocol (stand-in scale; spec §3.2):
+Protocol (stand-in scale; docs/methods/kdep.md):
 
 1. **Pre-training** (``kdep``, labels withheld): teacher = the demo's ``cnn_teacher`` (92.73 %), student
    ``conv4mp_w32``, on the 54,000 training images that the demo's stratified 10 % leaves out

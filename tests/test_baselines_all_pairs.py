@@ -1,4 +1,5 @@
-"""Every baseline builds and trains one step on every pair of the paper's tables and of spec §2.4 (slow).
+"""Every baseline builds and trains one step on every pair of the paper's tables and of RepDistiller's
+benchmark (slow).
 
 The fast suite steps each method on one same-family and one cross-architecture pair; this sweep covers all
 the published pairs: 13 methods x 23 pairs, 32x32 input, batch 2. FSP must refuse exactly the pairs whose

@@ -1,4 +1,5 @@
-"""VID and CRD (spec §2.3): §4 oracles, hand-computed values, bank updates, a real step per method, pair."""
+"""VID and CRD (docs/methods/vid.md, crd.md): closed-form oracles, hand-computed values, bank updates,
+a real step per method, pair."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from mimkd.mi.bounds import crd_nce_loss
 from mimkd.mi.contrast import BankContrast
 from mimkd.models import build_model
 
-LN5_HALF = 0.8047190  # spec §4: VID at init, zero regressor output and zero target, per pair
-CRD_UNIFORM = 10.7040910  # spec §4: CRD-NCE, one direction, every P = 1/N, K = 16384, eps = 0
+LN5_HALF = 0.8047190  # closed form: VID at init, zero regressor output and zero target, per pair
+CRD_UNIFORM = 10.7040910  # closed form: CRD-NCE, one direction, every P = 1/N, K = 16384, eps = 0
 CRD_UNIFORM_EPS = 10.7090910  # same with eps = 1e-7 and N = 50,000
 
 SAME_FAMILY = ("resnet56", "resnet20")

@@ -1,5 +1,6 @@
-"""AT, SP, PKT, NST, RKD, CC (spec §2.3): exact-zero oracles of spec §4, hand-computed values, defaults of
-spec §2.2, option validation, one real optimisation step on a same-family and a cross-architecture pair."""
+"""AT, SP, PKT, NST, RKD, CC (docs/methods/): exact-zero oracles, hand-computed values, RepDistiller's
+default weights (docs/methods/README.md), option validation, one real optimisation step on a same-family
+and a cross-architecture pair."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=_gen(seed))
 
 
-# -- spec §2.2 defaults, option validation --------------------------------------------------------------
+# -- RepDistiller's default weights, option validation ---------------------------------------------------
 @pytest.mark.parametrize(
     "name,beta,extra",
     [
@@ -63,7 +64,7 @@ def test_unknown_and_invalid_options_are_refused(name):
         mimkd.build_distiller(name, s, None, x, num_classes=10)
 
 
-# -- spec §4 exact-zero cases ---------------------------------------------------------------------------
+# -- exact-zero cases ------------------------------------------------------------------------------------
 def test_at_zero_under_positive_rescaling_and_channel_duplication():
     ft = [_randn(4, 8, 8, 8, seed=1), _randn(4, 16, 4, 4, seed=2)]
     assert at_loss([3.7 * f for f in ft], ft).item() == pytest.approx(0.0, abs=ATOL)

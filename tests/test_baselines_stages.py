@@ -1,4 +1,4 @@
-"""FitNets, AB, FT and FSP (spec §2.3, §4): ConvReg, the pure losses (exact zeros and hand-computed values),
+"""FitNets, AB, FT and FSP (docs/methods/): ConvReg, the pure losses (exact zeros and hand-computed values),
 their init stages (names, epochs, modules, what the stage's backward reaches), a real step of every stage."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_convreg_refuses_sizes_it_cannot_map():
         ConvReg((8, 3, 3), (8, 8, 8))
 
 
-# -- exact zeros (spec §4) and hand-computed values --------------------------------------------------------
+# -- exact zeros and hand-computed values ------------------------------------------------------------------
 def test_hint_loss_zero_and_value():
     t = torch.randn(2, 3, 4, 4)
     assert hint_loss(t.clone(), t) == 0

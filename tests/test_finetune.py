@@ -1,4 +1,4 @@
-"""``mimkd finetune`` (spec §3.2 downstream, KDEP supplementary B.2): backbone loaded, classifier
+"""``mimkd finetune`` (docs/methods/kdep.md, KDEP supplementary B.2): backbone loaded, classifier
 re-initialised, linear mode frozen bit for bit (weights AND BatchNorm buffers), full mode trained, the
 ``kdep`` preset's milestones, exact resume, and clear errors for checkpoints that cannot be fine-tuned.
 """

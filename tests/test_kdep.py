@@ -1,4 +1,4 @@
-"""KDEP (spec §3.2, oracles §4): PTS values, SVD projection properties, every alignment variant on zoo models,
+"""KDEP (docs/methods/kdep.md): PTS values, SVD projection properties, every alignment variant on zoo models,
 offline pass → method state → resume, ``svd_file`` reuse, labels never read, and real runs on Fashion-MNIST.
 """
 
@@ -38,7 +38,7 @@ def test_pts_is_odd_and_monotone():
     assert torch.equal(torch.sign(y), torch.sign(x))
 
 
-# -- SVD projection (spec §4) -------------------------------------------------------------------------------
+# -- SVD projection ------------------------------------------------------------------------------------------
 def _anisotropic(n: int, d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(d, d, generator=g, dtype=torch.float64)

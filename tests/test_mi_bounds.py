@@ -1,4 +1,4 @@
-"""MI bounds on critic scores: golden values of spec §4 and hand-derived gradients."""
+"""MI bounds on critic scores: closed-form golden values and hand-derived gradients."""
 
 from __future__ import annotations
 

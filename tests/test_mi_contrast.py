@@ -1,4 +1,5 @@
-"""BankContrast (spec §1.3): bidirectional bank scores, infoNCE/NCE values, updates before backward."""
+"""BankContrast (docs/methods/crd.md): bidirectional bank scores, infoNCE/NCE values, updates before
+backward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Critics (spec §1.6) and in-batch negatives (spec §1.3)."""
+"""Critics and in-batch negatives (docs/mimkd.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CRD memory bank and class-aware negative sampling (spec §1.3, §4)."""
+"""CRD memory bank and class-aware negative sampling (docs/methods/crd.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MIMKD (spec §1): the set R for the paper's pairs, gradients, modes, errors, a real step for every pair."""
+"""MIMKD (docs/mimkd.md): the set R for the paper's pairs, gradients, modes, errors, a real step per pair."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _stage(model_name, i, **kw):
     return build_model(model_name, **kw).feature_points.stages[i]
 
 
-# Spec §1.5's table: teacher → student, the feature indices of R on each side, and the local map.
+# The benchmark pairs' R (docs/methods/mimkd.md): teacher → student, the feature indices of R on each side,
+# and the local map.
 R_TABLE = [
     ("wrn_40_2", "wrn_16_1", [1, 2, 3], [1, 2, 3], 3),
     ("wrn_40_2", "wrn_16_2", [1, 2, 3], [1, 2, 3], 3),

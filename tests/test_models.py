@@ -1,4 +1,4 @@
-"""Tests of the model zoo (spec §0): RepDistiller-compatible CIFAR models, ImageNet ResNets, small CNNs.
+"""Tests of the model zoo: RepDistiller-compatible CIFAR models, ImageNet ResNets, small CNNs.
 
 The CIFAR facts come from ``shared/reference/cifar_zoo_reference.json``. The parameter counts, feature shapes
 and a SHA-256 digest of each ``[key, shape]`` list are embedded below so the tests run without that file; when

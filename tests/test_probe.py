@@ -1,4 +1,4 @@
-"""``mimkd probe`` (spec §1.9, Table 3 protocol): a linear classifier on a frozen student's pre-classifier
+"""``mimkd probe`` (MIMKD paper, Table 3 protocol): a linear classifier on a frozen student's pre-classifier
 features of another dataset. Real data only: a conv4mp_w32 student trained for real on 2 % of Fashion-MNIST,
 probed on scikit-learn's digits (8×8 → 28×28), on its own dataset, and on an RGB folder tree (→ grey); a
 3-channel CIFAR student probed on the grey digits; and the errors a user can cause.

@@ -1,8 +1,8 @@
 """The full-scale study files (configs/cifar100, configs/imagenet): format, names, options, published numbers.
 
 Plain YAML checks against the format of configs/README.md, the method registry and the model zoo; spot checks
-of transcribed numbers against the spec (each expected value copied from the spec, naming its table cell);
-and, when the study loader is importable, a full load and plan of every file.
+of transcribed numbers against the published tables (each expected value copied from the paper or README,
+naming its table cell); and, when the study loader is importable, a full load and plan of every file.
 """
 
 from __future__ import annotations
@@ -202,68 +202,68 @@ def test_mimkd_tables_agree_except_the_vgg_teacher():
         v2 = {p[who]: t2["published"][pair_label(p)][row] for p in t2["pairs"]}
         for name in set(v1) & set(v2):
             if (who, name) == ("teacher", "vgg13"):
-                # Table 1 prints "VGG-19" 74.63, Table 2 VGG-13 74.62 (spec §1.10 footnote)
+                # Table 1 prints "VGG-19" 74.63, Table 2 VGG-13 74.62 (the MIMKD paper's Table 1 footnote)
                 assert (v1[name], v2[name]) == (74.63, 74.62)
             else:
                 assert v1[name] == v2[name], (who, name)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Spot checks of transcribed numbers (expected values copied from the spec)
+# Spot checks of transcribed numbers (expected values copied from the published tables)
 
 
 @pytest.mark.parametrize(
     "rel, pair, row, expected",
     [
-        # spec §1.10 Table 1, MIMKD row, WRN-16-1 / WRN-40-2 column
+        # MIMKD paper Table 1, MIMKD row, WRN-16-1 / WRN-40-2 column
         ("cifar100/table1.yaml", "wrn_40_2-wrn_16_1", "mimkd", 70.20),
-        # spec §1.10 Table 1, Teacher row, ResNet-8x4 / ResNet-32x4 (footnote 1: delta printed +3.80)
+        # MIMKD paper Table 1, Teacher row, ResNet-8x4 / ResNet-32x4 (footnote 1: delta printed +3.80)
         ("cifar100/table1.yaml", "resnet32x4-resnet8x4", "teacher", 79.24),
-        # spec §1.10 Table 1, KD row, ResNet-20 / ResNet-56 (footnote 2: delta printed +1.40)
+        # MIMKD paper Table 1, KD row, ResNet-20 / ResNet-56 (footnote 2: delta printed +1.40)
         ("cifar100/table1.yaml", "resnet56-resnet20", "kd", 70.59),
-        # spec §1.10 Table 1, Teacher row, VGG-8 / "VGG-19" column (taken as vgg13)
+        # MIMKD paper Table 1, Teacher row, VGG-8 / "VGG-19" column (taken as vgg13)
         ("cifar100/table1.yaml", "vgg13-vgg8", "teacher", 74.63),
-        # spec §1.10 Table 1, Student row, ResNet-8 / ResNet-110
+        # MIMKD paper Table 1, Student row, ResNet-8 / ResNet-110
         ("cifar100/table1.yaml", "resnet110-resnet8", "vanilla", 59.63),
-        # spec §1.10 Table 2, MIMKD row, ShuffleNetV2 / ResNet-50 (the abstract's 74.55)
+        # MIMKD paper Table 2, MIMKD row, ShuffleNetV2 / ResNet-50 (the abstract's 74.55)
         ("cifar100/table2.yaml", "ResNet50-ShuffleV2", "mimkd", 74.55),
-        # spec §1.10 Table 2, AT row, WRN-16-1 / ResNet-110 (printed −0.59)
+        # MIMKD paper Table 2, AT row, WRN-16-1 / ResNet-110 (printed −0.59)
         ("cifar100/table2.yaml", "resnet110-wrn_16_1", "at", 66.42),
-        # spec §1.10 Table 2, CRD row, MobileNetV2 / VGG-13
+        # MIMKD paper Table 2, CRD row, MobileNetV2 / VGG-13
         ("cifar100/table2.yaml", "vgg13-MobileNetV2", "crd", 66.34),
-        # spec §2.4 same-family table, SP row, c5 (resnet110 -> resnet32)
+        # RepDistiller README same-family table, SP row, c5 (resnet110 -> resnet32)
         ("cifar100/benchmark_same_family.yaml", "resnet110-resnet32", "sp", 72.69),
-        # spec §2.4 same-family table, Teacher row, c6 (resnet32x4 -> resnet8x4)
+        # RepDistiller README same-family table, Teacher row, c6 (resnet32x4 -> resnet8x4)
         ("cifar100/benchmark_same_family.yaml", "resnet32x4-resnet8x4", "teacher", 79.42),
-        # spec §2.4 same-family table, FitNet row, c4 (resnet110 -> resnet20)
+        # RepDistiller README same-family table, FitNet row, c4 (resnet110 -> resnet20)
         ("cifar100/benchmark_same_family.yaml", "resnet110-resnet20", "fitnets", 68.99),
-        # spec §2.4 cross-architecture table, NST row, c1 (vgg13 -> MobileNetV2)
+        # RepDistiller README cross-architecture table, NST row, c1 (vgg13 -> MobileNetV2)
         ("cifar100/benchmark_cross_arch.yaml", "vgg13-MobileNetV2", "nst", 58.16),
-        # spec §2.4 cross-architecture table, CRD row, c6 (wrn-40-2 -> ShuffleV1)
+        # RepDistiller README cross-architecture table, CRD row, c6 (wrn-40-2 -> ShuffleV1)
         ("cifar100/benchmark_cross_arch.yaml", "wrn_40_2-ShuffleV1", "crd", 76.05),
-        # spec §2.4 cross-architecture table, Teacher row, c2 (ResNet50 -> MobileNetV2)
+        # RepDistiller README cross-architecture table, Teacher row, c2 (ResNet50 -> MobileNetV2)
         ("cifar100/benchmark_cross_arch.yaml", "ResNet50-MobileNetV2", "teacher", 79.34),
-        # spec §3.1 results table, WCoRD+KD row, r32x4 -> r8x4
+        # WCoRD supplement Table 1, WCoRD+KD row, r32x4 -> r8x4
         ("cifar100/wcord.yaml", "resnet32x4-resnet8x4", "wcord+kd", [76.15, 0.14]),
-        # spec §3.1 results table, CRD+KD row, WRN-40-2 -> 40-1
+        # WCoRD supplement Table 1, CRD+KD row, WRN-40-2 -> 40-1
         ("cifar100/wcord.yaml", "wrn_40_2-wrn_40_1", "crd+kd", [74.38, 0.11]),
-        # spec §3.1 results table, Student row, vgg13 -> vgg8
+        # WCoRD supplement Table 1, Student row, vgg13 -> vgg8
         ("cifar100/wcord.yaml", "vgg13-vgg8", "vanilla", 70.36),
-        # spec §1.10 Table 3, "no distillation" row, both columns
+        # MIMKD paper Table 3, "no distillation" row, both columns
         (
             "cifar100/transfer.yaml",
             "wrn_40_2-wrn_16_2",
             "vanilla",
             {"probe.stl10": 69.5, "probe.tinyimagenet": 33.8},
         ),
-        # spec §1.10 Table 3, MIMKD row, both columns
+        # MIMKD paper Table 3, MIMKD row, both columns
         (
             "cifar100/transfer.yaml",
             "wrn_40_2-wrn_16_2",
             "mimkd",
             {"probe.stl10": 71.8, "probe.tinyimagenet": 36.2},
         ),
-        # spec §1.10 abstract: ImageNet ResNet-18 68.88 -> 70.32 with a ResNet-34 teacher
+        # MIMKD paper abstract: ImageNet ResNet-18 68.88 -> 70.32 with a ResNet-34 teacher
         ("imagenet/resnet34_resnet18.yaml", "resnet34-resnet18", "vanilla", 68.88),
         ("imagenet/resnet34_resnet18.yaml", "resnet34-resnet18", "mimkd", 70.32),
     ],
@@ -273,7 +273,7 @@ def test_spot_check_published(rel, pair, row, expected):
 
 
 def test_fsp_not_available_is_left_out():
-    # spec §2.4 same-family table, FSP row, c2 (wrn-40-2 -> wrn-40-1): "N/A"
+    # RepDistiller README same-family table, FSP row, c2 (wrn-40-2 -> wrn-40-1): "N/A"
     same = load("cifar100/benchmark_same_family.yaml")["published"]
     assert "fsp" not in same["wrn_40_2-wrn_40_1"]
     assert same["wrn_40_2-wrn_16_2"]["fsp"] == 72.91  # FSP row, c1
@@ -282,7 +282,7 @@ def test_fsp_not_available_is_left_out():
 
 
 def test_table_sizes():
-    """Every row of every published table is transcribed (rows x columns of the spec's tables)."""
+    """Every row of every published table is transcribed (rows x columns of the published tables)."""
     sizes = {  # file: (pairs, method rows, published cells in all: rows incl. teacher x pairs)
         "cifar100/table1.yaml": (7, 7, 7 * 8),
         "cifar100/table2.yaml": (6, 7, 6 * 8),
@@ -312,13 +312,13 @@ def test_table_sizes():
     ],
 )
 def test_mimkd_paper_crd_uses_4096_negatives(rel):
-    # spec §1.10: "Baselines in MIMKD use CRD with 4096 negatives (not RepDistiller's 16384)"
+    # the MIMKD paper: its CRD baselines use 4096 negatives (not RepDistiller's 16384)
     s = load(rel)
     assert validate_options("crd", row_options(s["methods"]["crd"])).num_negatives == 4096
     assert validate_options("mimkd", row_options(s["methods"]["mimkd"])).num_negatives == 4096
 
 
-# spec §2.2: RepDistiller's command-line weights (γ, α, β) per method
+# RepDistiller's command-line weights (γ, α, β) per method (docs/methods/README.md)
 REPDISTILLER_WEIGHTS = {
     "kd": (0.1, 0.9, None),
     "fitnets": (1, 0, 100),
@@ -352,18 +352,18 @@ def test_benchmark_rows_use_repdistiller_weights(rel):
         if row == "kd":
             assert o.temperature == 4  # --kd_T 4
         if row == "crd":
-            assert o.num_negatives == 16384  # RepDistiller's nce_k (spec §2.1)
+            assert o.num_negatives == 16384  # RepDistiller's nce_k
 
 
 def test_ablation_grid():
     s = load("cifar100/ablation.yaml")
     assert s["seeds"] == 1
     assert "published" not in s
-    assert [pair_label(p) for p in s["pairs"]] == ["resnet32x4-resnet8x4"]  # spec §1.8
+    assert [pair_label(p) for p in s["pairs"]] == ["resnet32x4-resnet8x4"]  # the paper's ablation pair
     (row, opts), *others = s["methods"].items()
     assert not others and row_method(row, opts) == "mimkd"
     o = validate_options("mimkd", row_options(opts))
-    assert o.global_estimator == "jsd" and o.ce_weight == 1.0  # JSD for all three terms, α = 1 (spec §1.8)
+    assert o.global_estimator == "jsd" and o.ce_weight == 1.0  # JSD for all three terms, α = 1: the paper's
     steps = [0, 0.25, 0.5, 0.75, 1]
     assert s["grid"] == {"method.lambda_g": steps, "method.lambda_l": steps, "method.lambda_f": steps}
     points = grid_points(s)

@@ -1,4 +1,5 @@
-"""The trainer's init stages (spec §2.1): modes on every step, the stage optimiser, resume inside a stage.
+"""The trainer's init stages (docs/architecture.md): modes on every step, the stage optimiser, resume
+inside a stage.
 
 A probe method defined here declares one init stage on a small head of its own and records, at every stage
 step and every main step, the mode of the student, the teacher and the stage module. It runs through the real

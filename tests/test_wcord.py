@@ -1,4 +1,5 @@
-"""WCoRD (spec §3.1): Sinkhorn plans, §4's LCKT oracle, GCKT golden values, spectral norm, real steps, CLI."""
+"""WCoRD (docs/methods/wcord.md): Sinkhorn plans, LCKT's zero-cost oracle, GCKT golden values, spectral
+norm, real steps, CLI."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def test_sinkhorn_marginals_uniform_and_given():
         assert plan.shape == (n, m) and bool((plan >= 0).all())
         torch.testing.assert_close(plan.sum(1), torch.full((n,), 1 / n), atol=1e-4, rtol=0)
         torch.testing.assert_close(plan.sum(0), torch.full((m,), 1 / m), atol=1e-4, rtol=0)
-    # the spec's setting (ε = 0.05, 50 iterations) on a batch whose embeddings are aligned
+    # the default setting (ε = 0.05, 50 iterations: docs/methods/wcord.md), embeddings aligned
     t = F.normalize(torch.randn(64, 128, generator=g), dim=1)
     s = F.normalize(t + 0.1 * torch.randn(64, 128, generator=g), dim=1)
     plan = sinkhorn_log(cosine_cost(t, s))
@@ -104,7 +105,7 @@ def test_sinkhorn_pot_missing_names_the_install(monkeypatch):
 
 # -------------------------------------------------------------------------------------------------- LCKT
 def test_lckt_identical_features_cost_zero_for_any_plan():
-    """Spec §4: all features identical → cost matrix 0 → loss 0 for any plan."""
+    """All features identical → cost matrix 0 → loss 0 for any plan."""
     h = torch.randn(1, 128).expand(8, 128)
     cost = cosine_cost(h, 3.0 * h)
     assert float(cost.abs().max()) < 1e-6
