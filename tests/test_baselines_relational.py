@@ -44,7 +44,7 @@ def _randn(*shape, seed=0):
         ("cc", 0.02, {"feat_dim": 128}),
     ],
 )
-def test_defaults_are_the_spec_command_line(name, beta, extra):
+def test_defaults_are_repdistillers_command_line(name, beta, extra):
     o = get_method(name).Options()
     assert (o.ce_weight, o.kd_weight, o.weight, o.kd_temperature) == (1.0, 0.0, beta, 4.0)
     for key, value in extra.items():
@@ -208,7 +208,7 @@ def test_map_methods_pair_feature_lists_by_position(t_name, s_name, n_pairs):
         assert d.pairs == list(zip(tm, sm))[:n_pairs] and len(d.pairs) == n_pairs
 
 
-def test_vector_methods_read_the_spec_points():
+def test_vector_methods_read_repdistillers_points():
     t, s = build_model("vgg13"), build_model("MobileNetV2")
     x = torch.randn(2, 3, 32, 32)
     tp, sp = t.feature_points, s.feature_points

@@ -102,7 +102,7 @@ def test_registry_names_aliases_and_errors():
         load_dataset("cifar100")
 
 
-def test_spec_augmentation_defaults():
+def test_augmentation_defaults_are_repdistillers():
     c = dataset_spec("cifar100")
     assert (c.crop_padding, c.flip, c.image_size, c.num_classes) == (4, True, 32, 100)
     assert c.augment(c.mean, c.std, 64).crop_padding == 8  # padding scales with the image

@@ -53,7 +53,7 @@ R_TABLE = [
 
 
 @pytest.mark.parametrize("t_name,s_name,t_idx,s_idx,local", R_TABLE)
-def test_pairing_table_of_spec_1_5(t_name, s_name, t_idx, s_idx, local):
+def test_pairing_table_of_the_benchmark_pairs(t_name, s_name, t_idx, s_idx, local):
     d = _build(t_name, s_name)
     assert d.pairs == [(_stage(t_name, i), _stage(s_name, j)) for i, j in zip(t_idx, s_idx)]
     assert d.local_point == _stage(s_name, local)
