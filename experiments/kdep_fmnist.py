@@ -145,7 +145,7 @@ def _write_random_init(path: Path, seed: int) -> None:
     """A checkpoint of a randomly initialised student (seeded), for the random-backbone linear probe."""
     import torch
 
-    from mimkd.engine.checkpoint import atomic_save
+    from mimkd.checkpoint import atomic_save
     from mimkd.models import build_model
 
     if path.exists():

@@ -10,9 +10,17 @@ import os
 import pytest
 import torch
 
-from mimkd.errors import ConfigError, MethodError, NonFiniteLossError
-from mimkd.evaluation import bench
-from mimkd.evaluation.bench import (
+from mimkd.bench import timing as bench
+from mimkd.bench.build import calibrated_teacher
+from mimkd.bench.report import (
+    derive,
+    format_markdown,
+    method_options,
+    parse_input_shape,
+    resolve_methods,
+    write_report,
+)
+from mimkd.bench.timing import (
     STUDENT_ROW,
     TEACHER_ROW,
     BenchSetup,
@@ -22,15 +30,7 @@ from mimkd.evaluation.bench import (
     run_row,
     run_row_isolated,
 )
-from mimkd.evaluation.bench_build import calibrated_teacher
-from mimkd.evaluation.bench_report import (
-    derive,
-    format_markdown,
-    method_options,
-    parse_input_shape,
-    resolve_methods,
-    write_report,
-)
+from mimkd.errors import ConfigError, MethodError, NonFiniteLossError
 from mimkd.evaluation.flops import count_flops
 from mimkd.models import build_model
 

@@ -258,7 +258,7 @@ def test_memory_banks_are_identical_on_every_rank(runs, method):
 
 
 def test_resume_under_ddp_is_bit_identical_and_only_rank_0_writes(runs):
-    from mimkd.engine.checkpoint import load_checkpoint
+    from mimkd.checkpoint import load_checkpoint
 
     a = load_checkpoint(runs["root"] / "A" / "last.pt")
     b = load_checkpoint(runs["root"] / "B" / "last.pt")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
+from mimkd.checkpoint import load_checkpoint, load_weights
 from mimkd.cli import main
 from mimkd.data import eval_batches, load_dataset
-from mimkd.engine.checkpoint import load_checkpoint, load_weights
 from mimkd.evaluation import count_parameters
 from mimkd.models import build_network
 

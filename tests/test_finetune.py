@@ -12,10 +12,10 @@ import torch
 import yaml
 from torch import nn
 
+from mimkd.checkpoint import FORMAT, VERSION
 from mimkd.cli import main
 from mimkd.config import FinetuneConfig, build_config
 from mimkd.distillers.vanilla import Vanilla
-from mimkd.engine.checkpoint import FORMAT, VERSION
 from mimkd.engine.finetune import finetune_config, init_student, inspect_checkpoint, third_milestones
 from mimkd.engine.setup import prepare, run
 from mimkd.errors import CheckpointError, ConfigError, ModelError

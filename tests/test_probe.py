@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mimkd.checkpoint import FORMAT, VERSION
+from mimkd.cli.probe import register as register_cli
 from mimkd.config import build_config
-from mimkd.engine.checkpoint import FORMAT, VERSION
 from mimkd.engine.linear_probe import linear_probe, probe_milestones, write_probe_result
 from mimkd.engine.setup import run
 from mimkd.errors import CheckpointError, DataError, MimkdError, ModelError
 from mimkd.evaluation.probe import LUMA, adapt_images, default_output, student_input_spec
 from mimkd.models import build_network
-from mimkd.probe_command import register_cli
 
 from helpers import needs_fmnist
 

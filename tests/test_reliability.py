@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimkd.engine.checkpoint import atomic_save, load_checkpoint
+from mimkd.checkpoint import atomic_save, load_checkpoint
 
 from helpers import FMNIST, SMALL_RUN, needs_fmnist, run_cli
 
@@ -104,7 +104,7 @@ def test_bad_input_gives_one_clear_line_and_exit_2(tmp_path, case, extra, needle
 _WRITER = textwrap.dedent(
     """
     import sys, torch
-    from mimkd.engine.checkpoint import atomic_save
+    from mimkd.checkpoint import atomic_save
     path = sys.argv[1]
     i = 0
     while True:  # 16 MB per write: long enough to be interrupted inside one

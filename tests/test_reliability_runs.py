@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from mimkd.engine.checkpoint import load_checkpoint
+from mimkd.checkpoint import load_checkpoint
 
 from helpers import SMALL_RUN, needs_fmnist, run_cli
 

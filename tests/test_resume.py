@@ -90,7 +90,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, reference):
     import sys
     import time
 
-    from mimkd.engine.checkpoint import load_checkpoint
+    from mimkd.checkpoint import load_checkpoint
 
     name, run_dir = "killed_in_write", tmp_path / "killed_in_write"
     proc = subprocess.Popen(

@@ -167,7 +167,7 @@ def test_deferred_check_through_the_cli_stops_naming_the_term(tmp_path):
     p = run_cli(*args, "--out", str(tmp_path), "--name", "stop", check=False, env_extra=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "non-finite loss at epoch 1, step 3: term(s) ce" in p.stderr and "last.pt" in p.stderr
-    from mimkd.engine.checkpoint import load_checkpoint
+    from mimkd.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "stop" / "last.pt")  # the state after the 2 good steps
     assert ck["step"] == 2 and all(bool(torch.isfinite(v).all()) for v in ck["model"].values())

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mimkd.engine.checkpoint import load_checkpoint, load_weights
+from mimkd.checkpoint import load_checkpoint, load_weights
 from mimkd.errors import CheckpointError
 from mimkd.models import build_model
 

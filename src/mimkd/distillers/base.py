@@ -11,6 +11,7 @@ method's warm-up or schedule is its own business. Unweighted diagnostics (e.g. M
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,11 @@ class InitStage:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=256)
+def _takes_context(compute: Callable[..., Any]) -> bool:
+    return accepts_context(compute, 4)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Put ``module`` in eval mode and stop its parameters from requiring gradients."""
     module.eval()
@@ -124,15 +130,12 @@ class Distiller(nn.Module):
     name: ClassVar[str] = "?"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     capabilities: ClassVar[Capabilities] = Capabilities()
-    _compute_takes_ctx: ClassVar[bool] = True
     requires_teacher: ClassVar[bool] = True  # mirrors of ``capabilities`` (do not set them directly)
     uses_labels: ClassVar[bool] = True
     evaluated: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # compute(images, labels, index) from before StepContext: still called, without the context
-        cls._compute_takes_ctx = accepts_context(cls.compute, 4)
         caps = cls.__dict__.get("capabilities")
         for flag in ("requires_teacher", "uses_labels", "evaluated"):
             if flag in cls.__dict__:
@@ -293,7 +296,9 @@ class Distiller(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's logits and weighted terms; ``ctx`` defaults to :meth:`StepContext.standalone`."""
         self.metrics = {}
-        if not self._compute_takes_ctx:
+        # compute(images, labels, index) from before StepContext: still called, without the context (checked
+        # per function, so a compute replaced on the class later is judged by its own signature)
+        if not _takes_context(type(self).compute):
             return self.compute(images, labels, index)  # type: ignore[call-arg]
         return self.compute(images, labels, index, ctx if ctx is not None else StepContext.standalone())
 

@@ -166,14 +166,14 @@ def partial_l2(student: Tensor, target: Tensor) -> Tensor:
 
 def save_alignment(path: Path, stats: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write ``stats`` (from :meth:`FeatureStats.finish`) and ``meta`` atomically to ``path``."""
-    from mimkd.engine.checkpoint import atomic_save
+    from mimkd.checkpoint import atomic_save
 
     atomic_save({"format": ALIGNMENT_FORMAT, **meta, **stats}, path)
 
 
 def load_alignment(path: str | Path) -> dict[str, Any]:
     """Read a ``kdep_alignment.pt`` (a run directory holding one is accepted too)."""
-    from mimkd.engine.checkpoint import load_checkpoint
+    from mimkd.checkpoint import load_checkpoint
 
     p = Path(path)
     if p.is_dir():

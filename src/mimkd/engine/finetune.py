@@ -36,11 +36,10 @@ from typing import Any
 
 import torch.nn as nn
 
+from mimkd.checkpoint import extract_state_dict, load_checkpoint
 from mimkd.config import FinetuneConfig, OptimConfig, RunConfig, load_config
 from mimkd.errors import CheckpointError, ConfigError, MimkdError, ModelError
 from mimkd.models.registry import model_factory
-
-from .checkpoint import extract_state_dict, load_checkpoint
 
 __all__ = [
     "CheckpointInfo",

@@ -88,7 +88,7 @@ def identity_mismatch(recorded: dict[str, Any] | None, current: dict[str, Any] |
 def file_identity(path: str | Path, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The identity of the teacher checkpoint at ``path``. When its bytes match ``recorded``'s file hash the
     recorded weights hash is reused; otherwise the weights are loaded and hashed."""
-    from .checkpoint import extract_state_dict, load_checkpoint
+    from mimkd.checkpoint import extract_state_dict, load_checkpoint
 
     digest = file_sha256(path)
     ident: dict[str, Any] = {"checkpoint": str(path), "file_sha256": digest}

@@ -17,10 +17,9 @@ import copy
 import torch
 import torch.nn as nn
 
+from mimkd.checkpoint import capture_rng, restore_rng
 from mimkd.data import ImageDataset
 from mimkd.errors import MethodError, MimkdError, ModelError
-
-from .checkpoint import capture_rng, restore_rng
 
 __all__ = ["probe_network", "probe_distiller", "PROBE_BATCH", "first_line"]
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mimkd.checkpoint import DiskFullError, load_checkpoint, load_weights
 from mimkd.config import ModelConfig, RunConfig
 from mimkd.data import BatchAugment, ImageDataset, dataset_spec, load_dataset, stratified_subset
 from mimkd.distillers import build_distiller
@@ -24,7 +25,6 @@ from mimkd.features import FeatureTap, feature_points_of
 from mimkd.models import FeaturePoints, build_network
 
 from . import distributed
-from .checkpoint import DiskFullError, load_checkpoint, load_weights
 from .distributed import DistInfo, evaluate_sharded
 from .identity import teacher_identity
 from .preflight import probe_distiller, probe_network

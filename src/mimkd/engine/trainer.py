@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from mimkd.checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
 from mimkd.config import RunConfig
 from mimkd.data import BatchIterator, ImageDataset, eval_batches
 from mimkd.data.loader import storage_device
@@ -55,7 +56,6 @@ from mimkd.errors import CheckpointError, ConfigError, MimkdWarning, NonFiniteLo
 from mimkd.evaluation.accuracy import topk_correct
 
 from . import distributed
-from .checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
 from .distributed import DistInfo, evaluate_sharded
 from .identity import identity_mismatch, teacher_identity
 from .init_stages import run_init_stages

@@ -136,7 +136,7 @@ def resolve_checkpoint(path: str | Path, which: str | None = None, network: str 
 
 def load_student(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Build the architecture recorded in the checkpoint, load its ``model`` weights strictly, eval mode."""
-    from mimkd.engine.checkpoint import load_checkpoint, load_weights
+    from mimkd.checkpoint import load_checkpoint, load_weights
     from mimkd.models import build_network
 
     ck = load_checkpoint(ckpt_path)

@@ -70,7 +70,7 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
 def load_frozen_student(path: str | Path) -> tuple[nn.Module, dict[str, Any], str]:
     """Rebuild the architecture a mimkd checkpoint records (a zoo name or ``module:factory``), load its
     weights strictly, freeze it (eval mode, no gradients). Returns ``(network, checkpoint dict, arch)``."""
-    from mimkd.engine.checkpoint import extract_state_dict, load_checkpoint, load_weights
+    from mimkd.checkpoint import extract_state_dict, load_checkpoint, load_weights
     from mimkd.models import build_network
 
     try:

@@ -1,14 +1,12 @@
 """The ``mimkd bench`` command and its report: method and option resolution, derived columns (ratio to KD,
 achieved FLOP/s, share of the matmul ceiling, projected wall time), the markdown table and the JSON file.
 
-The measurement itself is :mod:`mimkd.evaluation.bench`.
+The measurement itself is :mod:`mimkd.bench.timing`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +19,7 @@ __all__ = [
     "derive",
     "format_markdown",
     "write_report",
-    "add_bench_parser",
-    "cmd_bench",
 ]
-
-#: Row order of ``--methods all``: KD first (the reference of the ratio column), then the zoo as the spec
-#: lists it; methods registered later follow alphabetically. ``vanilla`` is the student-step row.
-_ORDER = [
-    "kd", "fitnets", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "crd+kd",
-    "mimkd", "wcord", "wcord+kd", "kdep", "dml", "dcm",
-]  # fmt: skip
 
 
 def resolve_methods(text: str) -> list[str]:
@@ -39,9 +28,8 @@ def resolve_methods(text: str) -> list[str]:
     from mimkd.distillers import available, get_method
 
     names = [m.strip() for m in text.split(",") if m.strip()]
-    if names == ["all"]:
-        reg = available()
-        return [m for m in _ORDER if m in reg] + sorted(m for m in reg if m not in _ORDER and m != "vanilla")
+    if names == ["all"]:  # the registry's display order; vanilla is the student-step row
+        return [m for m in available(ordered=True) if m != "vanilla"]
     for m in names:
         get_method(m)  # MethodError: "unknown method 'x'. Did you mean ...? Valid methods: ..."
     return list(dict.fromkeys(names))
@@ -236,103 +224,3 @@ def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     md.write_text(format_markdown(report))
     js.write_text(json.dumps(report, indent=2) + "\n")
     return md, js
-
-
-def cmd_bench(a: argparse.Namespace) -> int:
-    """Run ``mimkd bench`` from parsed arguments."""
-    from mimkd.data import dataset_spec
-    from mimkd.engine.setup import resolve_device
-
-    from .bench import BenchSetup, benchmark
-
-    methods = resolve_methods(a.methods)
-    spec = dataset_spec(a.data or "cifar100") if a.data or not a.input_shape else None
-    if a.input_shape:
-        shape = parse_input_shape(a.input_shape)
-    else:
-        shape = (spec.channels, spec.image_size or 224, spec.image_size or 224)
-    classes = a.num_classes or (spec.num_classes if spec else None) or 100
-    num_train = a.num_train or (spec.train_size if spec else None) or 50000
-    for flag, v in (("--steps", a.steps), ("--batch-size", a.batch_size), ("--rounds", a.rounds)):
-        if v < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {v}")
-    dev = resolve_device(a.device)
-    setup = BenchSetup(
-        teacher=a.teacher,
-        student=a.student,
-        input_shape=shape,
-        num_classes=classes,
-        num_train=num_train,
-        batch_size=a.batch_size,
-        steps=a.steps,
-        warmup=max(1, a.warmup),
-        device=str(dev),
-        threads=a.threads,
-        channels_last=not a.contiguous,
-        options=method_options(a.overrides, methods),
-        row_seconds=a.row_seconds,
-        ceiling_n=a.ceiling_size,
-        precision=a.precision,
-        compile=a.compile,
-    )
-    report = benchmark(
-        setup,
-        methods,
-        isolate=False if a.no_isolate else None,
-        max_batch=a.max_batch,
-        max_batch_limit=a.max_batch_limit,
-        rounds=a.rounds,
-        progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
-    )
-    derive(report, a.project_epochs, a.project_images)
-    out = a.out or f"runs/bench/{dev.type}_{a.teacher}_{a.student}_b{a.batch_size}"
-    md, js = write_report(report, out)
-    print(md.read_text(), end="")
-    print(f"wrote {md} and {js}")
-    return 0
-
-
-def add_bench_parser(sub) -> argparse.ArgumentParser:
-    """Add ``bench`` to ``sub`` (the ``mimkd`` subparsers); returns the new parser."""
-    b = sub.add_parser(
-        "bench",
-        help="images/s, peak memory and FLOP efficiency of student, teacher and each method's step",
-        description="Time the student's training step, the teacher's forward and each method's training "
-        "step on synthetic batches already on the device; write OUT.md and OUT.json.",
-    )
-    b.add_argument("--teacher", required=True, help="teacher architecture (zoo name or module:factory)")
-    b.add_argument("--student", required=True, help="student architecture")
-    b.add_argument("--methods", default="kd,crd,mimkd", help="comma-separated methods, or 'all'")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--max-batch", action="store_true", help="CUDA: each row at the largest batch that fits")
-    b.add_argument("--max-batch-limit", type=int, default=32768, help="largest batch --max-batch tries")
-    b.add_argument("--data", help="dataset whose shape, classes and size to assume (default: cifar100)")
-    b.add_argument("--input-shape", help="CxHxW instead of a dataset's, e.g. 3x32x32")
-    b.add_argument("--num-classes", type=int, help="classes (default: the dataset's, else 100)")
-    b.add_argument("--num-train", type=int, help="training-set size for memory banks (default: the data's)")
-    b.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (one of them counts FLOPs)")
-    b.add_argument("--row-seconds", type=float, help="stop timing a row after this long (>= 3 steps)")
-    b.add_argument(
-        "--rounds", type=int, default=1, help="measure each row N times, round-robin; keep the fastest"
-    )
-    b.add_argument("--ceiling-size", type=int, help="side of the ceiling's matmul (2048 CPU, 8192 CUDA)")
-    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    b.add_argument("--threads", type=int, help="CPU threads for torch")
-    b.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last")
-    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as train.precision")
-    b.add_argument("--compile", action="store_true", help="torch.compile, as train.compile")
-    b.add_argument("--no-isolate", action="store_true", help="CPU: all rows in this process (no memory)")
-    b.add_argument("--project-epochs", type=int, default=240, help="epochs of the projected wall time")
-    b.add_argument("--project-images", type=int, default=50000, help="images per epoch of the projection")
-    b.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="method option: method.KEY=V (each method with KEY) or NAME.KEY=V (e.g. mimkd.critic_width=32)",
-    )
-    b.add_argument("--out", help="output path without suffix (default: runs/bench/DEVICE_T_S_bBATCH)")
-    b.set_defaults(fn=cmd_bench)
-    return b

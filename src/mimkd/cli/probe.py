@@ -8,7 +8,7 @@ from typing import Any
 from mimkd.engine.linear_probe import linear_probe, write_probe_result
 from mimkd.evaluation.probe import default_output
 
-__all__ = ["cmd_probe", "register_cli"]
+__all__ = ["register"]
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -18,7 +18,7 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def cmd_probe(a: argparse.Namespace) -> int:
+def command(a: argparse.Namespace) -> int:
     """``mimkd probe``: run :func:`linear_probe`, print one line, write the JSON result."""
     result = linear_probe(
         a.checkpoint,
@@ -46,7 +46,7 @@ def cmd_probe(a: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``probe`` subcommand to ``subparsers`` (the ``add_subparsers()`` of the ``mimkd`` parser)."""
     p = subparsers.add_parser(
         "probe",
@@ -75,5 +75,5 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mean", type=_floats, help="student normalisation mean, e.g. 0.507,0.487,0.441")
     p.add_argument("--std", type=_floats, help="student normalisation std (default: its training dataset's)")
     p.add_argument("--out", help="result JSON (default: probe_<data>.json in the checkpoint's run directory)")
-    p.set_defaults(fn=cmd_probe)
+    p.set_defaults(fn=command)
     return p

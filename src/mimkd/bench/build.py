@@ -1,4 +1,4 @@
-"""Building the rows of ``mimkd bench`` (:mod:`mimkd.evaluation.bench`): the setup, synthetic batches, a
+"""Building the rows of ``mimkd bench`` (:mod:`mimkd.bench.timing`): the setup, synthetic batches, a
 teacher with calibrated BatchNorm statistics, and one ready-to-call step per row (the trainer's
 :class:`~mimkd.engine.step.TrainStep` for the student and method rows, an inference forward for the teacher).
 """

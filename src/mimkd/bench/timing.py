@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .bench_build import (
+from .build import (
     STUDENT_ROW,
     TEACHER_ROW,
     BenchSetup,
@@ -63,7 +63,6 @@ __all__ = [
     "matmul_ceiling",
     "find_max_batch",
     "benchmark",
-    "register_cli",
 ]
 
 _CHILD_MARK = "MIMKD_BENCH_ROW "  # prefix of the one result line a row subprocess prints
@@ -152,7 +151,7 @@ def run_row_isolated(s: BenchSetup, row: str, batch: int | None = None) -> dict[
     payload = json.dumps({"setup": asdict(s), "row": row, "batch": batch})
     src = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-c", "from mimkd.evaluation.bench import _child_main; _child_main()"]
+    cmd = [sys.executable, "-c", "from mimkd.bench.timing import _child_main; _child_main()"]
     p = subprocess.run(cmd, input=payload, capture_output=True, text=True, env=env)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(_CHILD_MARK):
@@ -280,7 +279,7 @@ def benchmark(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the student step, the teacher forward and every method in ``methods``; returns the report
-    (``header`` and ``rows``) that :mod:`mimkd.evaluation.bench_report` formats.
+    (``header`` and ``rows``) that :mod:`mimkd.bench.report` formats.
 
     ``isolate`` (default: on CPU) runs each row in its own subprocess so its peak RSS is its own.
     ``max_batch`` (CUDA only) measures each row at the largest batch that fits (doubling from
@@ -344,10 +343,3 @@ def benchmark(
         rows.append(best)
     header["load_avg_end"] = list(os.getloadavg())
     return {"setup": asdict(s), "header": header, "rows": rows, "isolated": isolate, "max_batch": max_batch}
-
-
-def register_cli(subparsers) -> None:
-    """Add the ``bench`` subcommand to ``mimkd``'s subparsers (see :mod:`mimkd.evaluation.bench_report`)."""
-    from .bench_report import add_bench_parser
-
-    add_bench_parser(subparsers)
