@@ -4,14 +4,14 @@
 
 Protocol: the demo's student recipe (``fashion_mnist`` preset: SGD lr 0.05, cosine, batch 64), a stratified
 10 % of the training set (6,000 images), 15 epochs, full test set. The default pair is two of the demo's
-students (conv4mp_w32; DCM's heads re-implement its remaining conv blocks, see mimkd.models.aux_heads). For
-each pair A/B:
+students (conv4mp_w32; DCM's heads re-implement its remaining conv blocks, see mimkd.distillers.dcm_heads).
+For each pair A/B:
 
 * ``independent``: A and B each trained alone (``vanilla``), seeds 0..N-1 (for A = B one set of runs gives
   both columns: two independently trained networks of that architecture; for the demo's student these are
   the demo's vanilla runs, copied when present);
-* ``dml``: A and B trained together with DML (spec §3.4); ``dcm``: with DCM (spec §3.3, auxiliary classifiers
-  by the placement rule, 18 cross-network KL terms), seeds 0..N-1.
+* ``dml``: A and B trained together with DML (docs/methods/dml.md); ``dcm``: with DCM (docs/methods/dcm.md,
+  auxiliary classifiers by the placement rule, 18 cross-network KL terms), seeds 0..N-1.
 
 Writes ``results/mutual_fmnist.md`` (and ``.json``, ``.png``): mean ± std over seeds of each network's
 last- and best-epoch test top-1. Stand-in scale: not the paper's CIFAR-100 numbers.

@@ -1,5 +1,5 @@
-"""DML (spec §3.4) and DCM (spec §3.3): loss oracles (§4), gradient flow, the auxiliary heads of every zoo
-family, a real training step, and real CLI runs on Fashion-MNIST with resume."""
+"""DML (docs/methods/dml.md) and DCM (docs/methods/dcm.md): loss oracles, gradient flow, the auxiliary
+heads of every zoo family, a real training step, and real CLI runs on Fashion-MNIST with resume."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from foreign_models import plain_cnn
 from mimkd.config import build_config
 from mimkd.distillers import build_distiller, validate_options
 from mimkd.distillers.dcm import DCM, dcm_kl, dcm_kl_terms, dcm_losses
+from mimkd.distillers.dcm_heads import SUPPORTED_FAMILIES, APFCHead, build_aux_heads
 from mimkd.distillers.dml import DML, dml_kl, dml_losses
 from mimkd.engine.setup import run
 from mimkd.errors import ConfigError, MethodError
 from mimkd.features import FeatureTap
 from mimkd.models import build_model
-from mimkd.models.aux_heads import SUPPORTED_FAMILIES, APFCHead, build_aux_heads
 from mimkd.models.cifar_resnet_bottleneck import CifarResNetV2
 from mimkd.models.mobilenetv2 import InvertedResidual, MobileNetV2
 from mimkd.models.wrn import NetworkBlock, WideResNet
@@ -50,7 +50,7 @@ def test_kl_hand_computed_values():
     assert dcm_kl(target.repeat(3, 1), logits.repeat(3, 1)).item() == pytest.approx(exact, abs=1e-6)  # mean_b
 
 
-def test_identical_outputs_give_exactly_zero_kl_spec4():
+def test_identical_outputs_give_exactly_zero_kl():
     z = torch.randn(5, 10)
     for k in (2, 3):
         terms = dml_losses([z.clone() for _ in range(k)], torch.zeros(5, dtype=torch.long))
@@ -164,8 +164,8 @@ def _blocks(body: nn.Module) -> list[nn.Module]:
     return out
 
 
-def test_aux_heads_follow_the_spec_rows():
-    """Spec §3.3 rows, on the meta device (shapes only, no memory): ResNet-110, WRN-28-4/10, ResNet-18/50."""
+def test_aux_heads_follow_the_papers_rows():
+    """DCM's auxiliary heads (docs/methods/dcm.md), meta device: ResNet-110, WRN-28-4/10, ResNet-18/50."""
     with torch.device("meta"):
 
         def heads(model, size):
@@ -186,7 +186,7 @@ def test_aux_heads_follow_the_spec_rows():
         c3, c2 = ([(b.conv2.out_channels, b.conv3.out_channels) for b in h[c].body] for c in ("C3", "C2"))
         assert c3 == [(256, 1024)] * 3 + [(512, 2048)] * 2 and c2 == [(1024, 4096)] * 3
         h = heads(MobileNetV2(T=6, width_mult=1.0, num_classes=100), 224)
-        c3, c2 = (  # (t, c, s) of each inverted residual, as in the spec's MobileNetV2 rows
+        c3, c2 = (  # (t, c, s) of each inverted residual, as in DCM's MobileNetV2 heads
             [(b.conv[0].out_channels // b.conv[0].in_channels, b.conv[-1].num_features, b.conv[3].stride[0])
              for b in h[c].body if isinstance(b, InvertedResidual)]
             for c in ("C3", "C2")

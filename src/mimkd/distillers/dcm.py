@@ -1,6 +1,8 @@
-"""``dcm``: Dense Cross-layer Mutual-distillation (Yao & Sun, ECCV 2020; spec §3.3), two networks, no teacher.
+"""``dcm``: Dense Cross-layer Mutual-distillation (Yao & Sun, ECCV 2020), two networks, no teacher.
 
-Each network gets two auxiliary classifiers (:mod:`mimkd.models.aux_heads`): C2 after the second-to-last
+Method page: ``docs/methods/dcm.md``.
+
+Each network gets two auxiliary classifiers (:mod:`mimkd.distillers.dcm_heads`): C2 after the second-to-last
 resolution stage and C3 after the stage before it, each re-implementing the remaining stages with the
 backbone's block type; C1 is the network's own classifier. With outputs ``(C3, C2, C1)`` per network::
 
@@ -8,22 +10,22 @@ backbone's block type; C1 is the network's own classifier. With outputs ``(C3, C
 
 all 3×3 cross-network pairs, same-stage and cross-stage, both directions: 18 KL terms, temperature 1, no KL
 between the classifiers of one network. The KL uses smoothed probabilities ``p̃ = (p + 1e-8)/(1 + C·1e-8)``,
-summed over classes and averaged over the batch (spec §3.3, [C] ``KL_divergence.py``). Logged terms: ``ce``
-(both C1), ``ce_aux`` (the four auxiliaries), ``kl_same_stage`` (6 terms) and ``kl_cross_stage`` (12 terms),
-with weights ``ce_aux_weight`` (α), ``kl_same_stage_weight`` (β), ``kl_cross_stage_weight`` (γ), all 1 as in
-the paper and the code. Per-classifier train accuracies go to ``metrics``.
+summed over classes and averaged over the batch (the reference code's ``KL_divergence.py``). Logged terms:
+``ce`` (both C1), ``ce_aux`` (the four auxiliaries), ``kl_same_stage`` (6 terms) and ``kl_cross_stage``
+(12 terms), with weights ``ce_aux_weight`` (α), ``kl_same_stage_weight`` (β), ``kl_cross_stage_weight`` (γ),
+all 1 as in the paper and the code. Per-classifier train accuracies go to ``metrics``.
 
 The distiller owns the pair: ``self.student`` is ``net1`` (exported); the peer ``net2`` (``method.peer``, by
 default the student's architecture) is built by ``context.build_network``. The heads read the backbones' stage
 outputs through :class:`~mimkd.features.FeatureTap` forward hooks, so the backbones are unchanged: their
 state dicts hold no head, the trainer evaluates and checkpoints ``networks()`` only, and the heads (in
 ``self.heads``, part of the method state and of the optimiser) are dropped at test time and at export.
-``aux_head="apfc"`` uses the spec's ablation head (avg-pool to 4×4 + FC) and works for any model.
+``aux_head="apfc"`` uses the paper's ablation head (avg-pool to 4×4 + FC) and works for any model.
 
 Deviations: one optimiser and one recipe (learning rate, weight decay, schedule) for both networks and all
 heads, which the reference also uses; the WRN reference rebuilds its optimiser at each learning-rate step
 (resetting momentum), we do not. For families the paper does not list, the head shapes are our choice
-(documented in :mod:`mimkd.models.aux_heads`).
+(documented in :mod:`mimkd.distillers.dcm_heads`).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mimkd.features import FeatureTap
-from mimkd.models.aux_heads import AuxHeads, build_aux_heads
 
 from .base import Capabilities, DistillContext, Distiller, MethodOptions, StepContext
+from .dcm_heads import AuxHeads, build_aux_heads
 from .dml import build_peer
 from .registry import register_distiller
 

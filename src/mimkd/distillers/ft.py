@@ -1,4 +1,6 @@
-"""``ft``: factor transfer (Kim et al.; spec §2.3, RepDistiller ``FactorTransfer`` + Paraphraser/Translator).
+"""``ft``: factor transfer (Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor
+Transfer*, NeurIPS 2018; RepDistiller ``FactorTransfer`` + Paraphraser/Translator). Method page:
+``docs/methods/ft.md``.
 
 On ``feat[-2]`` of both networks. A :class:`Paraphraser` (rate k = 0.5, no BN, LeakyReLU 0.1) is trained
 alone in an init stage ``"paraphraser"`` (``init_epochs`` = 30) to reconstruct the teacher map,
@@ -8,9 +10,10 @@ optimiser). Main stage: a trainable :class:`Translator` on the student map and
     φ(F) = L2normalise(flatten(mean_c F²))          (RepDistiller collapses the channels; p1 = 2)
     L_FT = mean_{B×HW} |φ(Translator(F_s)) − φ(P_enc(F_t))|      (p2 = 1; larger map pooled to the smaller)
 
-with ``γ·CE + α·KD + β·L_FT``, β = 200 (spec §2.2). The init stage's lr (``init_lr``): RepDistiller uses 0.01
-when the student is one of its CIFAR ResNets / WRNs and the run's base lr otherwise; ``init_lr=None`` applies
-that rule (by the student's class), a number overrides it.
+with ``γ·CE + α·KD + β·L_FT``, β = 200 (RepDistiller's default). The init stage's lr (``init_lr``):
+RepDistiller uses 0.01 when the student is one of its CIFAR ResNets / WRNs and the run's base lr otherwise;
+``init_lr=None`` applies that rule (:func:`default_init_lr`, by the architecture family the student declares),
+a number overrides it.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from mimkd.models.cifar_resnet import CifarResNet
-from mimkd.models.wrn import WideResNet
-
 from .base import InitStage, StepContext
 from .connectors import without_prefixes
 from .feature_base import BaselineOptions, FeatureDistiller, FeatureLists, pool_to_common
 from .registry import register_distiller
 
-__all__ = ["factor", "ft_loss", "Paraphraser", "Translator", "FT", "FTOptions"]
+__all__ = ["factor", "ft_loss", "default_init_lr", "Paraphraser", "Translator", "FT", "FTOptions"]
+
+# the families whose students RepDistiller pre-trains the paraphraser at lr 0.01 (its CIFAR ResNets and WRNs)
+INIT_LR_FAMILIES = ("cifar_resnet", "wrn")
+INIT_LR = 0.01
 
 
 def factor(f: Tensor) -> Tensor:
@@ -40,6 +44,12 @@ def ft_loss(factor_s_map: Tensor, factor_t_map: Tensor) -> Tensor:
     """``mean |φ(s) − φ(t)|`` of two factor maps (the larger one adaptive-avg-pooled to the smaller)."""
     s, t = pool_to_common(factor_s_map, factor_t_map)
     return (factor(s) - factor(t)).abs().mean()
+
+
+def default_init_lr(student: nn.Module) -> float | None:
+    """The paraphraser's init-stage lr for ``student``: :data:`INIT_LR` when its class declares a
+    ``family`` in :data:`INIT_LR_FAMILIES`, None (the run's base lr) for any other model, foreign ones too."""
+    return INIT_LR if getattr(type(student), "family", None) in INIT_LR_FAMILIES else None
 
 
 def _conv_stack(channels: list[int], transpose: bool, bn: bool) -> nn.Sequential:
@@ -81,12 +91,12 @@ class FTOptions(BaselineOptions):
     weight: float = Field(200.0, ge=0.0)  # β
     rate: float = Field(0.5, gt=0.0, le=1.0)  # k: factor channels = k·C_t
     init_epochs: int = Field(30, ge=0)
-    init_lr: float | None = Field(None, gt=0.0)  # None: 0.01 for CIFAR ResNet/WRN students, else base lr
+    init_lr: float | None = Field(None, gt=0.0)  # None: default_init_lr(student)
 
 
 @register_distiller("ft")
 class FT(FeatureDistiller):
-    """Factor transfer through a pre-trained, frozen paraphraser (spec §2.3)."""
+    """Factor transfer through a pre-trained, frozen paraphraser (see the module docstring)."""
 
     Options = FTOptions
 
@@ -123,7 +133,7 @@ class FT(FeatureDistiller):
     def stage_lr(self) -> float | None:
         if self.options.init_lr is not None:
             return self.options.init_lr
-        return 0.01 if isinstance(self.student, (CifarResNet, WideResNet)) else None
+        return default_init_lr(self.student)
 
     def init_stages(self) -> list[InitStage]:
         return [

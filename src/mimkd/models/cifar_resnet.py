@@ -16,6 +16,8 @@ input, and it accepts 28x28 or 64x64 input).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -27,6 +29,8 @@ __all__ = ["CifarResNet"]
 
 class CifarResNet(nn.Module):
     """RepDistiller's CIFAR ResNet of depth ``6n + 2`` with stage widths ``widths[1:]`` (spec §0)."""
+
+    family: ClassVar[str] = "cifar_resnet"  # the architecture family (a fact about the model)
 
     def __init__(
         self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100, in_channels: int = 3

@@ -13,6 +13,8 @@ block.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -53,6 +55,8 @@ class CifarBottleneck(nn.Module):
 
 class CifarResNetV2(nn.Module):
     """RepDistiller's CIFAR ResNet with bottleneck blocks (``resnetv2.py``), spec §0."""
+
+    family: ClassVar[str] = "cifar_resnet_bottleneck"  # the architecture family (a fact about the model)
 
     def __init__(self, num_blocks: tuple[int, int, int, int], num_classes: int = 100, in_channels: int = 3):
         super().__init__()

@@ -14,6 +14,8 @@ the max-pool), ``layer1`` (56), ``layer2`` (28), ``layer3`` (14), ``layer4`` (7)
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -51,6 +53,8 @@ class Bottleneck(nn.Module):
 
 class ImageNetResNet(nn.Module):
     """torchvision-layout ResNet for ImageNet-sized input."""
+
+    family: ClassVar[str] = "imagenet_resnet"  # the architecture family (a fact about the model)
 
     def __init__(
         self,

@@ -19,6 +19,8 @@ Deviation: RepDistiller's ``AvgPool2d(2, ceil_mode=True)`` became ``AdaptiveAvgP
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -60,6 +62,8 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     """RepDistiller's MobileNetV2 with expansion ``T`` and width multiplier ``width_mult`` (spec §0)."""
+
+    family: ClassVar[str] = "mobilenetv2"  # the architecture family (a fact about the model)
 
     def __init__(self, T: int = 6, width_mult: float = 0.5, num_classes: int = 100, in_channels: int = 3):
         super().__init__()

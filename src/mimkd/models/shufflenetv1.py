@@ -20,6 +20,8 @@ Deviation: ``F.avg_pool2d(out, 4)`` became ``AdaptiveAvgPool2d(1)`` (identical o
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -62,6 +64,8 @@ class ShuffleUnit(nn.Module):
 
 class ShuffleNetV1(nn.Module):
     """RepDistiller's CIFAR ShuffleNetV1 (spec §0)."""
+
+    family: ClassVar[str] = "shufflenetv1"  # the architecture family (a fact about the model)
 
     def __init__(
         self,

@@ -23,6 +23,8 @@ Deviation: ``F.avg_pool2d(out, 4)`` became ``AdaptiveAvgPool2d(1)`` (identical o
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -98,6 +100,8 @@ class DownBlock(nn.Module):
 
 class ShuffleNetV2(nn.Module):
     """RepDistiller's CIFAR ShuffleNetV2 (spec §0)."""
+
+    family: ClassVar[str] = "shufflenetv2"  # the architecture family (a fact about the model)
 
     def __init__(
         self,

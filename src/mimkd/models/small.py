@@ -7,6 +7,8 @@ weights use the zoo's Kaiming (fan-out) initialisation, linear layers PyTorch's 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -37,6 +39,8 @@ class Conv4MP(nn.Module):
     28x28 input), ``block1`` being the stem; embedding ``fc:input`` (the ``w``-d pooled vector); no
     pre-activation points.
     """
+
+    family: ClassVar[str] = "small"  # the architecture family (a fact about the model)
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 64):
         super().__init__()
@@ -85,6 +89,8 @@ class CNNTeacher(nn.Module):
     ``hidden_relu``: the 128-d post-ReLU hidden vector BEFORE dropout, so the captured value is dropout-free
     in training too (in eval mode it equals ``fc``'s input).
     """
+
+    family: ClassVar[str] = "small"  # the architecture family (a fact about the model)
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.3):
         super().__init__()

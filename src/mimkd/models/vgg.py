@@ -13,6 +13,8 @@ block outputs ``block1..4`` (the stem, as in RepDistiller's list, has none).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
@@ -40,6 +42,8 @@ def _make_block(widths: list[int], in_channels: int) -> nn.Sequential:
 
 class VGG(nn.Module):
     """RepDistiller's CIFAR VGG with batch norm (spec §0)."""
+
+    family: ClassVar[str] = "vgg"  # the architecture family (a fact about the model)
 
     def __init__(self, cfg: list[list[int]], num_classes: int = 100, in_channels: int = 3):
         super().__init__()

@@ -16,6 +16,8 @@ Deviation: ``F.avg_pool2d(out, 8)`` became ``AdaptiveAvgPool2d(1)`` (identical o
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,6 +72,8 @@ class NetworkBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """RepDistiller's WRN-``depth``-``widen_factor`` (spec §0)."""
+
+    family: ClassVar[str] = "wrn"  # the architecture family (a fact about the model)
 
     def __init__(
         self,

@@ -1,6 +1,9 @@
-"""DCM's auxiliary classifiers C3 and C2 for every zoo family (spec §3.3; seeds/dcm-supplementary.txt §2).
+"""DCM's auxiliary classifiers C3 and C2, one rule per architecture family.
 
-Placement rule [P]: an auxiliary branches from a stage output and re-implements the remaining stages with the
+Yao & Sun, *Knowledge Transfer via Dense Cross-Layer Mutual-Distillation* (ECCV 2020), with the head
+designs of its supplementary material; the method page is ``docs/methods/dcm.md``.
+
+Placement rule: an auxiliary branches from a stage output and re-implements the remaining stages with the
 backbone's own block type (own weights, other width/depth), so every input→classifier path has the same number
 of down-sampling steps; then the backbone's final BN-ReLU where it has one, global average pooling and
 ``FC(num_classes)``. C2 branches from the second-to-last resolution stage and re-implements the last one; C3
@@ -20,18 +23,22 @@ ShuffleV2           layer1/2      down+⌈n2/2⌉, down+⌈n3/2⌉, 1x1→1024  
 ImageNet ResNet     layer2/3      [w3]×⌈n3/2⌉, [w4]×min(n4, 2)           [2·w4]×n4
 ==================  ============  =====================================  ==================================
 
-The ImageNet rule reproduces both spec rows (ResNet-18: 1 and 2 blocks; ResNet-50: 3 and 2) and gives 3 and 2
-for ResNet-34; the CIFAR ResNet50 rule coincides with the ImageNet ResNet-50 row. MobileNetV2 follows its own
-spec row (C3 branches before the last down-sampling stage, C2 after it); channel counts come from the model,
-so they scale with its width multiplier, and the 1x1 conv widths follow the backbone's ``last_channel``.
-Plain conv stacks (VGG, Conv4-MP, cnn_teacher) are grouped into resolution stages by one probe batch; each
-re-implemented stage starts with the 2x2 max-pool the backbone applies before it (VGG's 64x64 rule included),
-and Conv4-MP's head ends with the max-pool its backbone applies before global pooling. Heads use bias-free
-convolutions + BN and the zoo's fan-out initialisation.
+The ImageNet rule reproduces both of the paper's ImageNet rows (ResNet-18: 1 and 2 blocks; ResNet-50: 3 and 2)
+and gives 3 and 2 for ResNet-34; the CIFAR ResNet50 rule coincides with the ImageNet ResNet-50 row.
+MobileNetV2 follows its own row of the paper (C3 branches before the last down-sampling stage, C2 after
+it); channel counts come from the model, so they scale with its width multiplier, and the 1x1 conv widths
+follow the backbone's ``last_channel``. Plain conv stacks (VGG, Conv4-MP, cnn_teacher) are grouped into
+resolution stages by one probe batch over their declared stage points; each re-implemented stage starts with
+the 2x2 max-pool the backbone applies before it (VGG's 64x64 rule included), and a head ends with a max-pool
+when its backbone runs one after its last stage (Conv4-MP). Heads use bias-free convolutions + BN and the
+zoo's fan-out initialisation. Families the paper does not list get this toolkit's choice of shapes
+(``docs/methods/dcm.md``, Deviations).
 
-``aux_head="apfc"`` (the spec's ablation head: ``AdaptiveAvgPool2d(4)`` + FC) works for any model: for a model
-outside these families the branch points are the last maps of the second- and third-to-last resolutions found
-by :func:`mimkd.features.feature_points_of`.
+Which rule applies is a fact the model declares: a zoo model class carries ``family`` (a class attribute, e.g.
+``"cifar_resnet"``) and :data:`HEAD_RULES` maps each family to its rule; this module never looks at a model's
+class. A model that declares no known family gets :data:`FALLBACK_RULE`: ``aux_head="apfc"`` (the paper's
+ablation head, ``AdaptiveAvgPool2d(4)`` + FC) with branch points at the last maps of the second- and
+third-to-last resolutions found by :func:`mimkd.features.feature_points_of`; ``aux_head="stages"`` is refused.
 """
 
 from __future__ import annotations
@@ -39,24 +46,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from mimkd.errors import MethodError
-from mimkd.features import FeatureSpec, FeatureTap, feature_points_of
-from mimkd.models.cifar_resnet import CifarResNet
-from mimkd.models.cifar_resnet_bottleneck import CifarBottleneck, CifarResNetV2
-from mimkd.models.imagenet_resnet import ImageNetResNet
+from mimkd.features import FeatureSpec, FeatureTap, feature_points_of, probe_forward
+from mimkd.models.cifar_resnet_bottleneck import CifarBottleneck
 from mimkd.models.layers import BasicBlock, conv1x1, init_fan_out
-from mimkd.models.mobilenetv2 import InvertedResidual, MobileNetV2
-from mimkd.models.shufflenetv1 import ShuffleNetV1, ShuffleUnit
-from mimkd.models.shufflenetv2 import DownBlock, ShuffleNetV2, SplitBlock
-from mimkd.models.small import CNNTeacher, Conv4MP
-from mimkd.models.vgg import VGG
-from mimkd.models.wrn import NetworkBlock, WideResNet
+from mimkd.models.mobilenetv2 import InvertedResidual
+from mimkd.models.shufflenetv1 import ShuffleUnit
+from mimkd.models.shufflenetv2 import DownBlock, SplitBlock
+from mimkd.models.wrn import NetworkBlock
 
-__all__ = ["AuxClassifier", "APFCHead", "AuxHeads", "build_aux_heads", "family_of", "SUPPORTED_FAMILIES"]
+__all__ = [
+    "AuxClassifier",
+    "APFCHead",
+    "AuxHeads",
+    "HeadRule",
+    "HEAD_RULES",
+    "FALLBACK_RULE",
+    "SUPPORTED_FAMILIES",
+    "build_aux_heads",
+    "family_of",
+    "rule_of",
+]
 
 
 class AuxClassifier(nn.Module):
@@ -79,7 +94,7 @@ class AuxClassifier(nn.Module):
 
 
 class APFCHead(nn.Module):
-    """The spec's "APFC" ablation head: ``AdaptiveAvgPool2d(4)`` then ``FC(16·C → num_classes)``."""
+    """The paper's "APFC" ablation head: ``AdaptiveAvgPool2d(4)`` then ``FC(16·C → num_classes)``."""
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
@@ -131,22 +146,25 @@ def _probe(model: nn.Module, points: list[str], sample: torch.Tensor) -> dict[st
 
 Parts = tuple[list[nn.Module], int, list[nn.Module], int]  # C3 layers, C3 width, C2 layers, C2 width
 Specs = dict[str, FeatureSpec]
+PlainStages = list[list[tuple[str, list[int]]]]  # resolution stages of (stage point, conv widths) blocks
+
+# The stage builders read the backbone's structure by attribute (``Any``: the layout is the family's).
 
 
-def _cifar_resnet(m: CifarResNet, c: Specs) -> Parts:
+def _cifar_resnet(m: Any, c: Specs) -> Parts:
     n, w2, w3 = len(m.layer3), m.layer2[-1].bn2.num_features, m.layer3[-1].bn2.num_features
     c3 = _res_stage(BasicBlock, c["layer1"].channels, w2, _half(n)) + _res_stage(BasicBlock, w2, w3, _half(n))
     return c3, w3, _res_stage(BasicBlock, c["layer2"].channels, 2 * w3, n), 2 * w3
 
 
-def _imagenet_resnet(m: ImageNetResNet, c: Specs) -> Parts:
+def _imagenet_resnet(m: Any, c: Specs) -> Parts:
     block, n3, n4 = type(m.layer4[0]), len(m.layer3), len(m.layer4)
     p3, p4, e = m.layer3[0].conv1.out_channels, m.layer4[0].conv1.out_channels, block.expansion
     c3 = _res_stage(block, c["layer2"].channels, p3, _half(n3)) + _res_stage(block, p3 * e, p4, min(n4, 2))
     return c3, p4 * e, _res_stage(block, c["layer3"].channels, 2 * p4, n4), 2 * p4 * e
 
 
-def _cifar_bottleneck(m: CifarResNetV2, c: Specs) -> Parts:
+def _cifar_bottleneck(m: Any, c: Specs) -> Parts:
     n3, n4, e = len(m.layer3), len(m.layer4), CifarBottleneck.expansion
     p3, p4 = m.layer3[0].conv1.out_channels, m.layer4[0].conv1.out_channels
 
@@ -157,14 +175,14 @@ def _cifar_bottleneck(m: CifarResNetV2, c: Specs) -> Parts:
     return c3, p4 * e, stage(c["layer3"].channels, 2 * p4, n4), 2 * p4 * e
 
 
-def _wrn(m: WideResNet, c: Specs) -> Parts:
+def _wrn(m: Any, c: Specs) -> Parts:
     n, drop = len(m.block3.layer), m.block3.layer[0].drop_rate
     w2, w3 = m.block2.layer[0].conv1.out_channels, m.block3.layer[0].conv1.out_channels
     c3 = [NetworkBlock(n, c["block1"].channels, w2, 2, drop), NetworkBlock(max(1, n // 2), w2, w3, 2, drop)]
     return c3, w3, [NetworkBlock(n, c["block2"].channels, 2 * w3, 2, drop)], 2 * w3
 
 
-def _mobilenetv2(m: MobileNetV2, c: Specs) -> Parts:
+def _mobilenetv2(m: Any, c: Specs) -> Parts:
     s5, s6 = m.blocks[5], m.blocks[6]
     t = s5[0].conv[0].out_channels // s5[0].conv[0].in_channels
     c5, c6, last = s5[-1].conv[-1].num_features, s6[-1].conv[-1].num_features, m.last_channel
@@ -176,7 +194,7 @@ def _mobilenetv2(m: MobileNetV2, c: Specs) -> Parts:
     return c3, last, c2, wide_last
 
 
-def _shufflev1(m: ShuffleNetV1, c: Specs) -> Parts:
+def _shufflev1(m: Any, c: Specs) -> Parts:
     g, n2, n3 = m.layer2[0].conv3.groups, len(m.layer2), len(m.layer3)
 
     def stage(inp: int, out: int, n: int) -> list[nn.Module]:
@@ -186,7 +204,7 @@ def _shufflev1(m: ShuffleNetV1, c: Specs) -> Parts:
     return stage(w1, w2, _half(n2)) + stage(w2, w3, _half(n3)), w3, stage(w2, 2 * w3, n3), 2 * w3
 
 
-def _shufflev2(m: ShuffleNetV2, c: Specs) -> Parts:
+def _shufflev2(m: Any, c: Specs) -> Parts:
     n2, n3, last = len(m.layer2) - 1, len(m.layer3) - 1, m.conv2.out_channels
 
     def stage(inp: int, out: int, n: int) -> list[nn.Module]:
@@ -198,25 +216,44 @@ def _shufflev2(m: ShuffleNetV2, c: Specs) -> Parts:
     return c3, last, stage(w2, 2 * w3, n3) + _conv_bn_relu(2 * w3, wide_last, 1), wide_last
 
 
-def _plain_stages(m: nn.Module, sample: torch.Tensor) -> list[list[tuple[str, list[int]]]]:
-    """The (hook point, conv widths) of each block of a plain conv stack, grouped into resolution stages
-    (consecutive blocks with one spatial size)."""
-    names = [f"relu{i}" for i in range(5)] if isinstance(m, VGG) else ["block1", "block2", "block3"]
-    names += ["block4"] if isinstance(m, Conv4MP) else []
-    sizes = {n: s.spatial for n, s in _probe(m, names, sample).items()}
-    stages: list[list[tuple[str, list[int]]]] = []
-    for point in names:
-        block = getattr(m, point.replace("relu", "block"))
-        entry = (point, [x.out_channels for x in block if isinstance(x, nn.Conv2d)])
-        if stages and sizes[stages[-1][-1][0]] == sizes[point]:
-            stages[-1].append(entry)
-        else:
-            stages.append([entry])
-    return stages
+def _plain_stages(m: nn.Module, sample: torch.Tensor) -> tuple[PlainStages, bool]:
+    """A plain conv stack's (stage point, conv widths) blocks grouped into resolution stages (consecutive
+    blocks with one spatial size), and whether a max-pool runs after the last block; one probe forward.
+
+    The blocks are the model's declared stage points; a block's convolutions are those that run after the
+    previous stage point and before this one."""
+    points = list(feature_points_of(m, sample).stages)
+    modules = dict(m.named_modules())
+    events: list[tuple[str, Any]] = []  # ("point", (name, spatial)), ("conv", width), ("maxpool", None)
+    handles = [
+        modules[p].register_forward_hook(lambda mod, i, o, p=p: events.append(("point", (p, o.shape[-2:]))))
+        for p in points
+    ]
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            handles.append(mod.register_forward_hook(lambda c, i, o: events.append(("conv", c.out_channels))))
+        elif isinstance(mod, nn.MaxPool2d):
+            handles.append(mod.register_forward_hook(lambda c, i, o: events.append(("maxpool", None))))
+    probe_forward(m, sample, handles)
+    stages: PlainStages = []
+    widths: list[int] = []
+    size = None
+    for kind, value in events:
+        if kind == "conv":
+            widths.append(value)
+        elif kind == "point":
+            point, spatial = value
+            if stages and size == spatial:
+                stages[-1].append((point, widths))
+            else:
+                stages.append([(point, widths)])
+            widths, size = [], spatial
+    last = max(i for i, (kind, _) in enumerate(events) if kind == "point")
+    return stages, any(kind == "maxpool" for kind, _ in events[last + 1 :])
 
 
-def _plain(m: nn.Module, c: Specs, stages: list[list[tuple[str, list[int]]]]) -> Parts:
-    def body(inp: int, todo: list[list[tuple[str, list[int]]]], scale: int, half: bool) -> list[nn.Module]:
+def _plain(c: Specs, stages: PlainStages, pool_after: bool) -> Parts:
+    def body(inp: int, todo: PlainStages, scale: int, half: bool) -> list[nn.Module]:
         layers: list[nn.Module] = []
         for stage in todo:
             layers.append(nn.MaxPool2d(2))
@@ -224,33 +261,61 @@ def _plain(m: nn.Module, c: Specs, stages: list[list[tuple[str, list[int]]]]) ->
                 for w in widths[: _half(len(widths))] if half else widths:
                     layers += _conv_bn_relu(inp, scale * w)
                     inp = scale * w
-        return layers + ([nn.MaxPool2d(2)] if isinstance(m, Conv4MP) else [])  # Conv4-MP pools before GAP
+        return layers + ([nn.MaxPool2d(2)] if pool_after else [])  # the backbone pools before its GAP
 
     out = stages[-1][-1][1][-1]
     c3 = body(c[stages[-3][-1][0]].channels, stages[-2:], 1, True)
     return c3, out, body(c[stages[-2][-1][0]].channels, stages[-1:], 2, False), 2 * out
 
 
-_PLAIN = (VGG, Conv4MP, CNNTeacher)  # plain conv stacks: branch points found by probing
-_FAMILIES: dict[
-    str, tuple[tuple[type[nn.Module], ...], tuple[str, str] | None, Callable[..., Parts] | None]
-] = {
-    "cifar_resnet": ((CifarResNet,), ("layer1", "layer2"), _cifar_resnet),
-    "cifar_resnet_bottleneck": ((CifarResNetV2,), ("layer2", "layer3"), _cifar_bottleneck),
-    "wrn": ((WideResNet,), ("block1", "block2"), _wrn),
-    "vgg": ((VGG,), None, None),
-    "mobilenetv2": ((MobileNetV2,), ("blocks.4", "blocks.5"), _mobilenetv2),
-    "shufflenetv1": ((ShuffleNetV1,), ("layer1", "layer2"), _shufflev1),
-    "shufflenetv2": ((ShuffleNetV2,), ("layer1", "layer2"), _shufflev2),
-    "imagenet_resnet": ((ImageNetResNet,), ("layer2", "layer3"), _imagenet_resnet),
-    "small": ((Conv4MP, CNNTeacher), None, None),
+@dataclass(frozen=True)
+class HeadRule:
+    """How DCM places and builds the heads of one architecture family.
+
+    ``points``: the fixed (C3, C2) branch points, or None to find them by probing (the plain stacks' last
+    block of the third- and second-to-last resolution stage, any other model's last map of those
+    resolutions). ``build``: the re-implemented stages for ``aux_head="stages"`` (None: none defined);
+    ``plain``: the stages are rebuilt from a probe of the conv stack instead; ``extra``: more points whose
+    shapes ``build`` reads; ``bn_relu``: the backbone ends with a BN-ReLU after its last stage.
+    """
+
+    points: tuple[str, str] | None = None
+    build: Callable[[Any, Specs], Parts] | None = None
+    plain: bool = False
+    extra: tuple[str, ...] = ()
+    bn_relu: bool = False
+
+    @property
+    def stages_defined(self) -> bool:
+        return self.plain or self.build is not None
+
+
+HEAD_RULES: dict[str, HeadRule] = {
+    "cifar_resnet": HeadRule(("layer1", "layer2"), _cifar_resnet),
+    "cifar_resnet_bottleneck": HeadRule(("layer2", "layer3"), _cifar_bottleneck),
+    "wrn": HeadRule(("block1", "block2"), _wrn, bn_relu=True),
+    "vgg": HeadRule(plain=True),
+    "mobilenetv2": HeadRule(("blocks.4", "blocks.5"), _mobilenetv2),
+    "shufflenetv1": HeadRule(("layer1", "layer2"), _shufflev1, extra=("layer3",)),
+    "shufflenetv2": HeadRule(("layer1", "layer2"), _shufflev2, extra=("layer3",)),
+    "imagenet_resnet": HeadRule(("layer2", "layer3"), _imagenet_resnet),
+    "small": HeadRule(plain=True),
 }
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+FALLBACK_RULE = HeadRule()  # a model of no known family: branch points by probing, aux_head="apfc" only
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(HEAD_RULES)
 
 
 def family_of(model: nn.Module) -> str | None:
-    """The zoo family of ``model`` for which ``aux_head="stages"`` is defined, or None."""
-    return next((name for name, (classes, _, _) in _FAMILIES.items() if type(model) in classes), None)
+    """The architecture family ``model`` declares (its class's ``family``) when :data:`HEAD_RULES` has a rule
+    for it, else None."""
+    family = getattr(type(model), "family", None)
+    return family if isinstance(family, str) and family in HEAD_RULES else None
+
+
+def rule_of(model: nn.Module) -> HeadRule:
+    """The head rule of ``model``'s declared family, or :data:`FALLBACK_RULE`."""
+    family = family_of(model)
+    return FALLBACK_RULE if family is None else HEAD_RULES[family]
 
 
 def _last_per_resolution(model: nn.Module, points: list[str], sample: torch.Tensor) -> list[str]:
@@ -266,19 +331,18 @@ def build_aux_heads(
     model: nn.Module, num_classes: int, sample: torch.Tensor, kind: str = "stages"
 ) -> AuxHeads:
     """Build DCM's C3 and C2 heads for ``model`` (``kind``: ``"stages"`` or ``"apfc"``), see module doc."""
-    family = family_of(model)
+    family, rule = family_of(model), rule_of(model)
     if kind not in ("stages", "apfc"):
         raise MethodError(f"dcm: unknown aux_head {kind!r}; use 'stages' or 'apfc'")
-    if kind == "stages" and family is None:
+    if kind == "stages" and not rule.stages_defined:
         raise MethodError(
             f"dcm: no auxiliary-classifier rule for {type(model).__name__}: method.aux_head=stages is "
             f"defined for the zoo families {', '.join(SUPPORTED_FAMILIES)}. Use method.aux_head=apfc "
             "(avg-pool to 4x4 + FC), which works for any model"
         )
-    stages = _plain_stages(model, sample) if isinstance(model, _PLAIN) else []
-    fixed = _FAMILIES[family][1] if family is not None else None
-    if fixed is not None:
-        pts = {"C3": fixed[0], "C2": fixed[1]}
+    stages, pool_after = _plain_stages(model, sample) if rule.plain else ([], False)
+    if rule.points is not None:
+        pts = {"C3": rule.points[0], "C2": rule.points[1]}
     else:
         maps = [s[-1][0] for s in stages] if stages else None
         found = maps or _last_per_resolution(model, list(feature_points_of(model, sample).maps), sample)
@@ -288,16 +352,18 @@ def build_aux_heads(
                 "the auxiliary classifiers need at least 3 (two branch points before the last stage)"
             )
         pts = {"C3": found[-3], "C2": found[-2]}
-    extra = ["layer3"] if family in ("shufflenetv1", "shufflenetv2") else []
-    specs = _probe(model, [*pts.values(), *extra], sample)
+    specs = _probe(model, [*pts.values(), *rule.extra], sample)
     if kind == "apfc":
         heads: dict[str, nn.Module] = {n: APFCHead(specs[p].channels, num_classes) for n, p in pts.items()}
     else:
-        builder = _FAMILIES[family][2]  # type: ignore[index]
-        c3, w3, c2, w2 = _plain(model, specs, stages) if stages else builder(model, specs)  # type: ignore[misc]
-        bn_relu = family == "wrn"  # the only family that ends with a BN-ReLU after its last stage
+        build = rule.build
+        if stages:
+            c3, w3, c2, w2 = _plain(specs, stages, pool_after)
+        else:
+            assert build is not None  # stages_defined
+            c3, w3, c2, w2 = build(model, specs)
         heads = {
-            "C3": AuxClassifier(nn.Sequential(*c3), w3, num_classes, bn_relu),
-            "C2": AuxClassifier(nn.Sequential(*c2), w2, num_classes, bn_relu),
+            "C3": AuxClassifier(nn.Sequential(*c3), w3, num_classes, rule.bn_relu),
+            "C2": AuxClassifier(nn.Sequential(*c2), w2, num_classes, rule.bn_relu),
         }
     return AuxHeads(nn.ModuleDict(heads), pts, family or "other", kind)
