@@ -1,4 +1,4 @@
-"""The mimkd model zoo (spec §0).
+"""The mimkd model zoo.
 
 Importing this package registers every family: the RepDistiller CIFAR zoo (``resnet8`` ... ``resnet110``,
 ``resnet8x4``, ``resnet32x4``, ``ResNet50``, ``wrn_*``, ``vgg*``, ``MobileNetV2``, ``ShuffleV1``,

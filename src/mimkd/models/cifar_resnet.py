@@ -1,4 +1,4 @@
-"""CIFAR ResNets of the RepDistiller zoo: resnet8/14/20/32/44/56/110 and resnet8x4/32x4 (spec §0).
+"""CIFAR ResNets of the RepDistiller zoo: resnet8/14/20/32/44/56/110 and resnet8x4/32x4.
 
 Depth ``6n + 2``: a 3x3 stem (``conv1, bn1, relu``) and three stages of ``n`` :class:`BasicBlock` s (strides
 1, 2, 2), then global average pooling and ``fc``. A block gets a ``downsample`` shortcut (1x1 conv + BN)
@@ -28,7 +28,7 @@ __all__ = ["CifarResNet"]
 
 
 class CifarResNet(nn.Module):
-    """RepDistiller's CIFAR ResNet of depth ``6n + 2`` with stage widths ``widths[1:]`` (spec §0)."""
+    """RepDistiller's CIFAR ResNet of depth ``6n + 2`` with stage widths ``widths[1:]``."""
 
     family: ClassVar[str] = "cifar_resnet"  # the architecture family (a fact about the model)
 
@@ -82,7 +82,7 @@ def _register(name: str, depth: int, widths: tuple[int, int, int, int]) -> None:
         return CifarResNet(depth, widths, num_classes=num_classes, in_channels=in_channels)
 
     factory.__name__ = name
-    factory.__doc__ = f"RepDistiller's CIFAR {name}: depth {depth}, widths {widths} (spec §0)."
+    factory.__doc__ = f"RepDistiller's CIFAR {name}: depth {depth}, widths {widths}."
     register_model(name)(factory)
 
 

@@ -1,4 +1,4 @@
-"""The CIFAR bottleneck ResNet-50 of the RepDistiller zoo, registered as ``ResNet50`` (spec §0).
+"""The CIFAR bottleneck ResNet-50 of the RepDistiller zoo, registered as ``ResNet50``.
 
 RepDistiller's ``models/resnetv2.py``: a 3x3 stride-1 stem (``conv1, bn1``, ReLU) and four stages of
 :class:`CifarBottleneck` blocks ``(3, 4, 6, 3)`` with widths ``64, 128, 256, 512`` (x4 expansion), strides
@@ -54,7 +54,7 @@ class CifarBottleneck(nn.Module):
 
 
 class CifarResNetV2(nn.Module):
-    """RepDistiller's CIFAR ResNet with bottleneck blocks (``resnetv2.py``), spec §0."""
+    """RepDistiller's CIFAR ResNet with bottleneck blocks (``resnetv2.py``)."""
 
     family: ClassVar[str] = "cifar_resnet_bottleneck"  # the architecture family (a fact about the model)
 
@@ -94,5 +94,5 @@ class CifarResNetV2(nn.Module):
 
 @register_model("ResNet50")
 def cifar_resnet50(num_classes: int = 100, in_channels: int = 3) -> CifarResNetV2:
-    """RepDistiller's CIFAR ``ResNet50`` (bottleneck blocks 3/4/6/3, 3x3 stride-1 stem), spec §0."""
+    """RepDistiller's CIFAR ``ResNet50`` (bottleneck blocks 3/4/6/3, 3x3 stride-1 stem)."""
     return CifarResNetV2((3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels)

@@ -7,7 +7,7 @@ Stem ``conv1`` (7x7, stride 2, 64) -> ``bn1`` -> ``relu`` -> ``maxpool`` (3x3, s
 names equal torchvision's, so torchvision-format checkpoints load with ``strict=True``. torchvision itself is
 never imported. Parameter counts for 1000 classes: 11,689,512 / 21,797,672 / 25,557,032.
 
-Feature points (spec §0 convention, extended to four stages): stem ``relu`` (64@112x112 for 224 input, before
+Feature points (RepDistiller's, extended to four stages): stem ``relu`` (64@112x112 for 224 input, before
 the max-pool), ``layer1`` (56), ``layer2`` (28), ``layer3`` (14), ``layer4`` (7), embedding ``fc:input``;
 ``preact``: the residual sum of each stage's last block (none for the stem). All ReLUs are out-of-place.
 """

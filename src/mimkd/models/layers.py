@@ -1,7 +1,7 @@
 """Building blocks and weight initialisers shared by the zoo families.
 
 Every block here is written so that the values a :class:`~mimkd.features.FeatureTap` captures stay valid
-(spec §0 feature points): no in-place ReLU, out-of-place residual additions, and parameter-free
+(the zoo's feature points): no in-place ReLU, out-of-place residual additions, and parameter-free
 ``nn.Identity`` modules named ``preact`` wherever a pre-activation value must be hookable. Parameter-free
 modules do not appear in the ``state_dict``, so checkpoint layouts are unaffected.
 """

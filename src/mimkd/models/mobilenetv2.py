@@ -61,7 +61,7 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """RepDistiller's MobileNetV2 with expansion ``T`` and width multiplier ``width_mult`` (spec §0)."""
+    """RepDistiller's MobileNetV2 with expansion ``T`` and width multiplier ``width_mult``."""
 
     family: ClassVar[str] = "mobilenetv2"  # the architecture family (a fact about the model)
 
@@ -110,5 +110,5 @@ class MobileNetV2(nn.Module):
 
 @register_model("MobileNetV2")
 def mobilenetv2_half(num_classes: int = 100, in_channels: int = 3) -> MobileNetV2:
-    """RepDistiller's ``mobile_half``: MobileNetV2 with T=6, width 0.5, last channel 1280 (spec §0)."""
+    """RepDistiller's ``mobile_half``: MobileNetV2 with T=6, width 0.5, last channel 1280."""
     return MobileNetV2(T=6, width_mult=0.5, num_classes=num_classes, in_channels=in_channels)

@@ -2,7 +2,7 @@
 
 A zoo model is registered with :func:`register_model` and built with :func:`build_model`. Each zoo model class
 carries a ``feature_points`` attribute (:class:`FeaturePoints`) naming, by module path, the hook points that
-reproduce the RepDistiller feature list (spec §0): the stem and stage outputs (``feat[:-1]``), their
+reproduce the RepDistiller feature list (docs/methods): the stem and stage outputs (``feat[:-1]``), their
 pre-activation variants (``preact=True``), and the pre-classifier embedding (``feat[-1]``).
 """
 
@@ -20,7 +20,7 @@ __all__ = ["FeaturePoints", "register_model", "build_model", "available", "model
 
 @dataclass(frozen=True)
 class FeaturePoints:
-    """Named hook points of a model (see :class:`mimkd.features.FeatureTap` for the spec syntax).
+    """Named hook points of a model (see :class:`mimkd.features.FeatureTap` for the point syntax).
 
     A point is a module path (``"layer1"``: the module's output) or ``"path:input"`` (the first positional
     input of the module, e.g. ``"fc:input"`` for the pooled vector fed to the classifier).

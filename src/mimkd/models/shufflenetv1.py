@@ -1,4 +1,4 @@
-"""ShuffleNetV1 of the RepDistiller zoo, registered as ``ShuffleV1`` (spec §0).
+"""ShuffleNetV1 of the RepDistiller zoo, registered as ``ShuffleV1``.
 
 Layout (RepDistiller ``models/ShuffleNetv1.py``, CIFAR variant): a 1x1 stem ``conv1`` (24 channels) + ``bn1``
 + ReLU at full resolution (no stride, no max-pool); three stages ``layer1..3`` of 4 / 8 / 4
@@ -63,7 +63,7 @@ class ShuffleUnit(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
-    """RepDistiller's CIFAR ShuffleNetV1 (spec §0)."""
+    """RepDistiller's CIFAR ShuffleNetV1."""
 
     family: ClassVar[str] = "shufflenetv1"  # the architecture family (a fact about the model)
 
@@ -114,5 +114,5 @@ class ShuffleNetV1(nn.Module):
 
 @register_model("ShuffleV1")
 def shufflev1(num_classes: int = 100, in_channels: int = 3) -> ShuffleNetV1:
-    """RepDistiller's ``ShuffleV1``: out planes 240/480/960, blocks 4/8/4, groups 3, 1x1 stem (spec §0)."""
+    """RepDistiller's ``ShuffleV1``: out planes 240/480/960, blocks 4/8/4, groups 3, 1x1 stem."""
     return ShuffleNetV1(num_classes=num_classes, in_channels=in_channels)

@@ -1,4 +1,4 @@
-"""ShuffleNetV2 (1x) of the RepDistiller zoo, registered as ``ShuffleV2`` (spec §0).
+"""ShuffleNetV2 (1x) of the RepDistiller zoo, registered as ``ShuffleV2``.
 
 Layout (RepDistiller ``models/ShuffleNetv2.py``, ``net_size=1``, CIFAR variant): a 1x1 stem ``conv1`` (24
 channels) + ``bn1`` + ReLU at full resolution; three stages ``layer1..3`` with widths 116 / 232 / 464, each a
@@ -99,7 +99,7 @@ class DownBlock(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    """RepDistiller's CIFAR ShuffleNetV2 (spec §0)."""
+    """RepDistiller's CIFAR ShuffleNetV2."""
 
     family: ClassVar[str] = "shufflenetv2"  # the architecture family (a fact about the model)
 

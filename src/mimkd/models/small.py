@@ -1,5 +1,5 @@
 """Small CNNs for the Fashion-MNIST stand-in (28x28, 1 channel, 10 classes): ``conv4mp``, ``conv4mp_w32``,
-``cnn_teacher``. They follow the spec §0 feature convention (stage maps, then the pre-classifier vector); as
+``cnn_teacher``. They follow RepDistiller's feature list (stage maps, then the pre-classifier vector); as
 in every zoo model, the first conv-BN-ReLU counts as the stem (``feat[0]``), so the maps the feature methods
 use (``feat[1:-1]``) start at the second block. Convolutions are 3x3, padding 1, bias-free, then BatchNorm;
 weights use the zoo's Kaiming (fan-out) initialisation, linear layers PyTorch's default.

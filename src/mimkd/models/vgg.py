@@ -1,4 +1,4 @@
-"""VGG-BN networks of the RepDistiller zoo: vgg8, vgg11, vgg13, vgg16, vgg19 (spec §0).
+"""VGG-BN networks of the RepDistiller zoo: vgg8, vgg11, vgg13, vgg16, vgg19.
 
 Five blocks ``block0..4``, each ``Sequential(conv3x3 (with bias), BN, ReLU, conv3x3, BN, ...)`` with the LAST
 ReLU removed (so the block output is a BatchNorm output and the state-dict indices skip the ReLUs: ``0, 1, 3,
@@ -41,7 +41,7 @@ def _make_block(widths: list[int], in_channels: int) -> nn.Sequential:
 
 
 class VGG(nn.Module):
-    """RepDistiller's CIFAR VGG with batch norm (spec §0)."""
+    """RepDistiller's CIFAR VGG with batch norm."""
 
     family: ClassVar[str] = "vgg"  # the architecture family (a fact about the model)
 
@@ -89,7 +89,7 @@ def _register(name: str) -> None:
         return VGG(VGG_CONFIGS[name], num_classes=num_classes, in_channels=in_channels)
 
     factory.__name__ = name
-    factory.__doc__ = f"RepDistiller's CIFAR {name} with batch norm (spec §0)."
+    factory.__doc__ = f"RepDistiller's CIFAR {name} with batch norm."
     register_model(name)(factory)
 
 

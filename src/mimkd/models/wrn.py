@@ -1,4 +1,4 @@
-"""Wide ResNets of the RepDistiller zoo: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (spec §0).
+"""Wide ResNets of the RepDistiller zoo: wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2.
 
 ``wrn_d_w``: depth ``6n + 4``, widths ``16, 16w, 32w, 64w``. A 3x3 stem ``conv1`` (no BN / ReLU), three
 ``NetworkBlock`` s (``block1..3``, strides 1, 2, 2) of ``n`` pre-activation :class:`WideBasic` blocks, then a
@@ -71,7 +71,7 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """RepDistiller's WRN-``depth``-``widen_factor`` (spec §0)."""
+    """RepDistiller's WRN-``depth``-``widen_factor``."""
 
     family: ClassVar[str] = "wrn"  # the architecture family (a fact about the model)
 
@@ -120,7 +120,7 @@ def _register(depth: int, width: int) -> None:
         return WideResNet(depth, width, num_classes=num_classes, in_channels=in_channels, drop_rate=drop_rate)
 
     factory.__name__ = name
-    factory.__doc__ = f"RepDistiller's WRN-{depth}-{width} (spec §0)."
+    factory.__doc__ = f"RepDistiller's WRN-{depth}-{width}."
     register_model(name)(factory)
 
 
