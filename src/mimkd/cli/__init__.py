@@ -3,7 +3,13 @@
 Every user error (bad key, unknown model, missing file, corrupt checkpoint) is printed as one message and
 exits with status 2; nothing prints a traceback unless ``MIMKD_DEBUG=1``. The command modules are imported
 only when a command line is parsed (:func:`build_parser`), after :func:`entry` set the OpenMP policy and the
-allocator: that is why they are imported inside :func:`build_parser` here and nowhere else in the library.
+allocator.
+
+Imports inside functions: in ``mimkd.cli`` only, and on purpose. A command module imports at module level
+nothing but argparse, the standard library and :mod:`mimkd.errors`; each command function imports the
+library it calls (torch, the engine, the models) when it runs. So ``mimkd --help`` and a command's
+``--help`` parse without loading torch, and a test can patch a library function (``mimkd.demo.run_demo``)
+that the command looks up when it runs. Library modules import at module level.
 """
 
 from __future__ import annotations

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mimkd.engine.distributed import is_main_process
-from mimkd.engine.summary import chance_top1, is_near_chance
-
 __all__ = ["add_run_flags", "flags_to_config", "print_summary"]
 
 
@@ -77,6 +74,9 @@ def _pct(x: Any) -> str:
 
 
 def print_summary(s: dict[str, Any]) -> None:
+    from mimkd.engine.distributed import is_main_process
+    from mimkd.engine.summary import chance_top1, is_near_chance
+
     if not is_main_process():  # under torchrun every rank returns the summary: print it once
         return
     last, best = s.get("last") or {}, s.get("best") or {}

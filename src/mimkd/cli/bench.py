@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mimkd.bench.report import derive, method_options, parse_input_shape, resolve_methods, write_report
-from mimkd.bench.timing import BenchSetup, benchmark
-from mimkd.data import dataset_spec
-from mimkd.engine.setup import resolve_device
 from mimkd.errors import ConfigError
 
 __all__ = ["register"]
@@ -16,6 +12,11 @@ __all__ = ["register"]
 
 def command(a: argparse.Namespace) -> int:
     """Run ``mimkd bench`` from parsed arguments."""
+    from mimkd.bench.report import derive, method_options, parse_input_shape, resolve_methods, write_report
+    from mimkd.bench.timing import BenchSetup, benchmark
+    from mimkd.data import dataset_spec
+    from mimkd.engine.setup import resolve_device
+
     methods = resolve_methods(a.methods)
     spec = dataset_spec(a.data or "cifar100") if a.data or not a.input_shape else None
     if a.input_shape:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from mimkd.demo import run_demo
-
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.demo import run_demo
+
     run_demo(
         out_dir=a.out,
         cache_dir=a.cache,

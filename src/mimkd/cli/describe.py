@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from mimkd.describe import describe, format_description
-
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.describe import describe, format_description
+
     info = describe(
         a.method, a.student, a.teacher, data=a.data, image_size=a.image_size, overrides=a.overrides
     )

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from mimkd.config import load_config
-from mimkd.engine.setup import run
-
 from ._common import add_run_flags, flags_to_config, print_summary
 
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.config import load_config
+    from mimkd.engine.setup import run
+
     base = flags_to_config(a)
     if a.student:
         base.setdefault("student", {})["arch"] = a.student

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from mimkd.evaluation.export import export_run
-
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.evaluation.export import export_run
+
     r = export_run(a.run, a.format, out=a.out, which=a.which, network=a.network)
     size = r.out.stat().st_size
     print(

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from mimkd.engine.finetune import finetune_config
-from mimkd.engine.setup import run
-
 from ._common import add_run_flags, flags_to_config, print_summary
 
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.engine.finetune import finetune_config
+    from mimkd.engine.setup import run
+
     cfg = finetune_config(
         a.checkpoint,
         flags_to_config(a),

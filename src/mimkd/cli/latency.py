@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from mimkd.data import dataset_spec
-from mimkd.evaluation import count_flops, count_parameters, latency_profile
-from mimkd.models import build_network
-
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    import torch
+
+    from mimkd.data import dataset_spec
+    from mimkd.evaluation import count_flops, count_parameters, latency_profile
+    from mimkd.models import build_network
 
     spec = dataset_spec(a.data)
     channels, size = spec.channels, a.image_size or spec.image_size or 224

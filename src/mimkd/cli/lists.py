@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from mimkd.data import available_datasets
-from mimkd.distillers import available as available_methods
-from mimkd.models import available as available_models
-
 __all__ = ["register"]
 
-_LISTS = {
-    "models": ("list zoo models", available_models),
-    "methods": ("list methods", available_methods),
-    "datasets": ("list datasets", available_datasets),
-}
+_LISTS = {"models": "list zoo models", "methods": "list methods", "datasets": "list datasets"}
 
 
 def command(a: argparse.Namespace) -> int:
-    print("\n".join(_LISTS[a.command][1]()))
+    if a.command == "models":
+        from mimkd.models import available
+    elif a.command == "methods":
+        from mimkd.distillers import available
+    else:
+        from mimkd.data import available_datasets as available
+    print("\n".join(available()))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the three list commands to the ``mimkd`` subparsers."""
-    for name, (help_, _) in _LISTS.items():
+    for name, help_ in _LISTS.items():
         sub.add_parser(name, help=help_).set_defaults(fn=command)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mimkd.engine.linear_probe import linear_probe, write_probe_result
-from mimkd.evaluation.probe import default_output
-
 __all__ = ["register"]
 
 
@@ -20,6 +17,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def command(a: argparse.Namespace) -> int:
     """``mimkd probe``: run :func:`linear_probe`, print one line, write the JSON result."""
+    from mimkd.engine.linear_probe import linear_probe, write_probe_result
+    from mimkd.evaluation.probe import default_output
+
     result = linear_probe(
         a.checkpoint,
         a.data,

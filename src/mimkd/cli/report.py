@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mimkd.experiments.grad_plots import epoch_records, grad_table, run_curves
-from mimkd.experiments.report import report
-
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.experiments.report import report
+
     if (Path(a.dir) / "metrics.jsonl").exists() and not (Path(a.dir) / "sweep.json").exists():
         return _report_run(Path(a.dir), a)
 
@@ -29,6 +28,8 @@ def command(a: argparse.Namespace) -> int:
 
 def _report_run(run_dir, a: argparse.Namespace) -> int:
     """``mimkd report RUN_DIR``: one run's curves (and its gradient diagnostics when it logged them)."""
+    from mimkd.experiments.grad_plots import epoch_records, grad_table, run_curves
+
     out = run_dir / "curves.png" if a.out is None else _out_dir(a.out) / f"{run_dir.name}_curves.png"
     path = None if a.no_plots else run_curves(run_dir, out)
     table = grad_table(epoch_records(run_dir))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from mimkd.experiments.sweep import sweep
-
 __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.experiments.sweep import sweep
+
     res = sweep(
         a.file,
         seeds=a.seeds,

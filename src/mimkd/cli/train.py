@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mimkd.config import load_config
-from mimkd.engine.setup import run
 from mimkd.errors import MimkdError
 
 from ._common import add_run_flags, flags_to_config, print_summary
@@ -14,6 +12,9 @@ __all__ = ["register"]
 
 
 def command(a: argparse.Namespace) -> int:
+    from mimkd.config import load_config
+    from mimkd.engine.setup import run
+
     base = flags_to_config(a)
     if a.model:
         base.setdefault("student", {})["arch"] = a.model
