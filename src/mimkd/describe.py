@@ -30,13 +30,13 @@ def _input_shape(data: str, image_size: int | None) -> tuple[int, int, int, int]
     return spec.channels, size, classes, spec.train_size or 50000
 
 
-def _step_flops(distiller, x, y, idx) -> int:
+def _step_flops(distiller, x, y, idx, views=None) -> int:
     """FLOPs of one training step (forward + backward) of ``distiller`` on ``x``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     distiller.train()
     with FlopCounterMode(display=False) as counter:
-        _, terms = distiller(x, y, idx)
+        _, terms = distiller(x, y, idx, views=views)
         sum(terms.values()).backward()
     distiller.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
@@ -81,13 +81,15 @@ def describe(
     teacher_fwd = count_flops(t_net, x) / _BATCH if t_net is not None else 0.0
     teacher_calls: list[int] = []
     hook = t_net.register_forward_hook(lambda *_: teacher_calls.append(1)) if t_net is not None else None
-    total_fwd = count_flops(lambda a: d(a, y, idx), x) / _BATCH
+    # the extra views a method reads (MLKD's strong view): random batches of the same shape
+    views = {name: torch.randn_like(x) for name in d.capabilities.views}
+    total_fwd = count_flops(lambda a: d(a, y, idx, views=views), x) / _BATCH
     if hook is not None:
         hook.remove()
     if not teacher_calls:  # the main stage does not run the teacher (AB, FSP: CE only after their init stage)
         teacher_fwd = 0.0
     student_step = _step_flops(vanilla, x, y, idx) / _BATCH
-    total_step = _step_flops(d, x, y, idx) / _BATCH
+    total_step = _step_flops(d, x, y, idx, views) / _BATCH
     s_params = count_parameters(s_net)
     t_params = count_parameters(t_net) if t_net is not None else 0
     # the method's own parameters, trained in the main stage or in an init stage (AB's connectors, FT's
@@ -101,6 +103,7 @@ def describe(
             "data": data,
             "input_shape": [channels, size, size],
             "num_classes": classes,
+            "views": list(d.capabilities.views),
             "params": {"student": s_params, "teacher": t_params, "method_trainable": extra},
             "flops_per_image": {
                 "student_forward": student_fwd,
@@ -154,6 +157,11 @@ def format_description(info: dict[str, Any]) -> str:
         lines.append(
             f"memory banks: {b['buffers']} x {b['samples']} x {b['dim']} (buffers), "
             f"{b['negatives']} negatives per anchor"
+        )
+    if info.get("views"):
+        lines.append(
+            f"extra views of each batch: {', '.join(info['views'])} (each one more student and teacher pass, "
+            "counted in the method's FLOPs)"
         )
     p = info["params"]
     lines.append(

@@ -145,6 +145,9 @@ def build_row(s: BenchSetup, row: str, batch: int, dev: torch.device, use_compil
         compile_distiller(d)
     train_step = TrainStep(d, opt, precision=s.precision, check=check)
     labels_in = y if d.uses_labels else None  # a label-free method's batches have none (trainer)
+    # extra views (MLKD's strong view): synthetic batches like the primary one; as for the primary view, the
+    # augmentation that makes them is data time, not step time
+    views = {name: synthetic_batch(s, batch, dev, g)[0] for name in d.capabilities.views}
 
     def check_finite() -> None:
         st = train_step.status()
@@ -163,7 +166,7 @@ def build_row(s: BenchSetup, row: str, batch: int, dev: torch.device, use_compil
         "init_stages": [[st.name, st.epochs] for st in d.init_stages()],
         "check": check_finite,
     }
-    return (lambda: train_step(x, labels_in, idx)), info
+    return (lambda: train_step(x, labels_in, idx, views=views)), info
 
 
 def sync(dev: torch.device) -> None:

@@ -268,15 +268,19 @@ class BatchAugment:
         offsets, flips = _draw_crop_flip(n, self.crop_padding, self.flip, generator)
         return AugmentParams(boxes, offsets, flips)
 
-    def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """Apply drawn parameters to ``images`` (same length) and normalise."""
+    def geometric(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Apply drawn parameters to ``images`` (same length) without normalising (0..255 values: uint8,
+        or float after a resized crop)."""
         if images.dim() != 4:
             raise DataError(f"augmentation expects N×C×H×W images, got shape {tuple(images.shape)}")
         x = images
         if params.boxes is not None:
             x = _resized_crop(x, params.boxes, int(self.resized_crop))  # float 0..255
-        x = _crop_flip(x, self.crop_padding, params.offsets, params.flip)
-        return normalize(x, self.mean, self.std)
+        return _crop_flip(x, self.crop_padding, params.offsets, params.flip)
+
+    def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Apply drawn parameters to ``images`` (same length) and normalise."""
+        return normalize(self.geometric(images, params), self.mean, self.std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment and normalise a batch; random numbers from the CPU ``generator``."""

@@ -1,7 +1,8 @@
 """Batches gathered by index from a dataset held on the training device; reproducible without hidden state.
 
 :class:`BatchIterator` owns no random state. The order of epoch ``e`` comes from a generator seeded with
-``mix_seed(seed, 0, e)`` and the augmentation of step ``k`` from one seeded with ``mix_seed(seed, 1, e, k)``;
+``mix_seed(seed, 0, e)`` and the augmentation of step ``k`` from one seeded with ``mix_seed(seed, 1, e, k)``
+(the ``i``-th extra view's from ``mix_seed(seed, 2, i, e, k)``);
 so ``it.epoch(e, start_step=k)`` yields exactly the batches an uninterrupted ``it.epoch(e)`` yields from step
 ``k`` on, which is what an exact resume needs.
 
@@ -18,7 +19,8 @@ the ``r``-th contiguous slice. The union of the ranks' batches is therefore the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -33,11 +35,13 @@ _MASK64 = (1 << 64) - 1
 
 
 class Batch(NamedTuple):
-    """One batch on the device: normalised float images, labels (``None`` when hidden), dataset indices."""
+    """One batch on the device: normalised float images, labels (``None`` when hidden), dataset indices,
+    and the extra views a method asked for (``{name: images}``, empty when none; :mod:`mimkd.data.views`)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     index: torch.Tensor
+    views: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 def _splitmix64(x: int) -> int:
@@ -77,6 +81,8 @@ class BatchIterator:
         with_labels: ``False`` hides the labels (``Batch.labels`` is ``None``; the iterator holds none).
         rank, world_size: this process's place in a data-parallel group.
         storage_device: where the uint8 images live and batches are built (default: ``device``).
+        views: extra views ``{name: augment}`` of every batch (:func:`mimkd.data.views.build_views`), each
+            applied to the same raw images as ``augment`` with its own random stream.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class BatchIterator:
         rank: int = 0,
         world_size: int = 1,
         storage_device: torch.device | str | None = None,
+        views: dict[str, Augment] | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -117,6 +124,7 @@ class BatchIterator:
         self.batch_size = batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         self.augment = augment
+        self.views = dict(views or {})
         self.rank, self.world_size = rank, world_size
         self._steps = n // self.global_batch if drop_last else -(-n // self.global_batch)
 
@@ -141,20 +149,26 @@ class BatchIterator:
             lo = g_len * self.rank // self.world_size
             hi = g_len * (self.rank + 1) // self.world_size
             index = perm[g_start + lo : g_start + hi]
-            images = self._images(epoch, step, perm, g_start, g_len, lo, hi, index)
+            window = (perm, g_start, g_len, lo, hi, index)
+            images = self._images(self.augment, _generator(self.seed, 1, epoch, step), *window)
+            views = {
+                name: self._images(aug, _generator(self.seed, 2, i, epoch, step), *window)
+                for i, (name, aug) in enumerate(self.views.items())
+            }
             labels = self._labels(index)
             if self.storage != self.device:
                 images, index = to_device(images, self.device), to_device(index, self.device)
                 labels = to_device(labels, self.device) if labels is not None else None
-            yield Batch(images, labels, index)
+                views = {k: to_device(v, self.device) for k, v in views.items()}
+            yield Batch(images, labels, index, views)
 
     def _labels(self, index: torch.Tensor) -> torch.Tensor | None:
         return None if self.labels is None else self.labels.index_select(0, index)
 
     def _images(
         self,
-        epoch: int,
-        step: int,
+        aug: Augment | None,
+        gen: torch.Generator,
         perm: torch.Tensor,
         g_start: int,
         g_len: int,
@@ -163,11 +177,9 @@ class BatchIterator:
         index: torch.Tensor,
     ) -> torch.Tensor:
         raw = self.images.index_select(0, index)
-        aug = self.augment
         if aug is None:
             return normalize(raw, self.mean, self.std)
-        gen = _generator(self.seed, 1, epoch, step)
-        if isinstance(aug, BatchAugment):
+        if hasattr(aug, "sample") and hasattr(aug, "apply"):  # drawn for the global batch, sliced per rank
             params = aug.sample(g_len, tuple(self.images.shape[-2:]), gen).take(lo, hi)
             return aug.apply(raw, params)
         if self.world_size == 1:

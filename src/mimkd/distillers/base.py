@@ -12,7 +12,7 @@ method's warm-up or schedule is its own business. Unweighted diagnostics (e.g. M
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,11 +49,15 @@ class Capabilities:
         uses_labels: its batches carry labels (False: the labels are never loaded, KDEP pre-training).
         evaluated: the trainer measures its networks' test accuracy (False: a pre-training whose classifier
             is untrained).
+        views: extra augmented views of each training batch the method reads (names registered in
+            :mod:`mimkd.data.views`, e.g. ``("strong",)`` for MLKD); ``compute`` reads them with
+            :meth:`Distiller.view`. The primary view (the run's augmentation) is always ``images``.
     """
 
     requires_teacher: bool = True
     uses_labels: bool = True
     evaluated: bool = True
+    views: tuple[str, ...] = ()
 
 
 class MethodOptions(BaseModel):
@@ -156,6 +160,7 @@ class Distiller(nn.Module):
         self.options = options
         self.context_num_classes = context.num_classes
         self.metrics: dict[str, torch.Tensor] = {}
+        self._views: Mapping[str, torch.Tensor] = {}
 
     # -- modes and parameters -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Distiller:
@@ -293,14 +298,35 @@ class Distiller(nn.Module):
         labels: torch.Tensor | None,
         index: torch.Tensor | None = None,
         ctx: StepContext | None = None,
+        views: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The step's logits and weighted terms; ``ctx`` defaults to :meth:`StepContext.standalone`."""
+        """The step's logits and weighted terms; ``ctx`` defaults to :meth:`StepContext.standalone`;
+        ``views`` holds the extra views the method declares (``{name: images}``, read with :meth:`view`)."""
         self.metrics = {}
-        # compute(images, labels, index) from before StepContext: still called, without the context (checked
-        # per function, so a compute replaced on the class later is judged by its own signature)
-        if not _takes_context(type(self).compute):
-            return self.compute(images, labels, index)  # type: ignore[call-arg]
-        return self.compute(images, labels, index, ctx if ctx is not None else StepContext.standalone())
+        self._views = views or {}
+        try:
+            # compute(images, labels, index) from before StepContext: still called, without the context
+            # (checked per function, so a compute replaced on the class later is judged by its own signature)
+            if not _takes_context(type(self).compute):
+                return self.compute(images, labels, index)  # type: ignore[call-arg]
+            return self.compute(images, labels, index, ctx if ctx is not None else StepContext.standalone())
+        finally:
+            self._views = {}
+
+    def view(self, name: str) -> torch.Tensor:
+        """This step's extra view ``name`` (declared in ``capabilities.views``), as the trainer passed it."""
+        if name not in self.capabilities.views:
+            raise TypeError(
+                f"{type(self).__name__} reads view {name!r}: declare it in Capabilities(views=...)"
+            )
+        out = self._views.get(name)
+        if out is None:
+            raise ValueError(
+                f"method {self.name!r} needs the {name!r} view of each batch: the trainer passes it; in "
+                f"your own loop call distiller(images, labels, views={{{name!r}: {name}_images}}) with "
+                f"mimkd.data.views.build_views([{name!r}], augment)"
+            )
+        return out
 
     def compute(
         self,

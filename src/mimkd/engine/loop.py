@@ -112,8 +112,11 @@ class EpochLoop:
                 if before_step is not None:
                     before_step(ctx)
                 images = batch.images.contiguous(memory_format=self.memory_format)
+                views = {k: v.contiguous(memory_format=self.memory_format) for k, v in _views(batch).items()}
                 probe = inspect(ctx) if inspect is not None else None
-                out = self.step(images, batch.labels, batch.index, position=ctx, inspect=probe, context=ctx)
+                out = self.step(
+                    images, batch.labels, batch.index, position=ctx, inspect=probe, context=ctx, views=views
+                )
                 cursor.step += 1
                 if out.applied is False:  # refused (check="step"): skipped, or the run stops here
                     self.on_status(self.step.status())
@@ -136,3 +139,8 @@ class EpochLoop:
         shown.push({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("loss.")})
         latest = {k: f"{v:.3f}" for k, v in (shown.latest() or {}).items()}
         bar.set_postfix(latest | {"img/s": f"{rate * self.world_size:.0f}"}, refresh=False)
+
+
+def _views(batch: Any) -> dict[str, torch.Tensor]:
+    """A batch's extra views (``{}`` for a batch type without them, e.g. the linear probe's)."""
+    return dict(getattr(batch, "views", None) or {})

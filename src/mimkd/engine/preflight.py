@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from mimkd.checkpoint import capture_rng, restore_rng
 from mimkd.data import ImageDataset
+from mimkd.data.views import build_views
 from mimkd.errors import MethodError, MimkdError, ModelError
 
 __all__ = ["probe_network", "probe_distiller", "PROBE_BATCH", "first_line"]
@@ -75,13 +76,17 @@ def probe_distiller(
     rng = capture_rng("cpu")  # the probe runs on the CPU: the CUDA generators are not touched
     try:
         images = augment(train.images[:n], torch.Generator().manual_seed(0))
+        views = {
+            name: view(train.images[:n], torch.Generator().manual_seed(1 + i))
+            for i, (name, view) in enumerate(build_views(_declared_views(distiller), augment).items())
+        }
         labels = train.labels[:n] if with_labels else None
         try:
             probe = copy.deepcopy(distiller)
         except Exception:  # a method holding non-copyable state (e.g. a computed tensor): no probe
             return
         probe.train()
-        _, terms = probe(images, labels, index)
+        _, terms = probe(images, labels, index, views=views) if views else probe(images, labels, index)
         if terms:
             sum(t.float().sum() for t in terms.values()).backward()
     except MimkdError:
@@ -94,3 +99,8 @@ def probe_distiller(
         ) from None
     finally:
         restore_rng(rng, "cpu")
+
+
+def _declared_views(distiller: nn.Module) -> tuple[str, ...]:
+    caps = getattr(distiller, "capabilities", None)
+    return tuple(getattr(caps, "views", ()))

@@ -134,7 +134,8 @@ class TrainStep:
     Call it as ``step(images, labels, index, position=None, inspect=None, context=None)``; ``position``
     (the step's :class:`~mimkd.distillers.step_context.StepContext` in the trainer) is reported back by
     :meth:`status` for the first step that stopped the run; ``context``, when given, is passed to the model
-    as its fourth argument (``model(images, labels, index, context)``).
+    as its fourth argument (``model(images, labels, index, context)``), and ``views`` (a batch's extra
+    views, when it has any) as the keyword ``views=``.
     ``inspect(logits, labels, terms)``, when given, runs after the forward and before the backward (on the
     graph, which it must retain) and its dict is returned in :attr:`StepResult.grads`
     (:class:`~mimkd.engine.term_grads.TermGradients`); it is skipped on a step refused as non-finite.
@@ -186,10 +187,11 @@ class TrainStep:
         position: Any = None,
         inspect: Callable[..., dict[str, Tensor]] | None = None,
         context: Any = None,
+        views: Any = None,
     ) -> StepResult:
         """Run one step on a batch; see the class docstring."""
         try:
-            return self._run(images, labels, index, position, inspect, context)
+            return self._run(images, labels, index, position, inspect, context, views)
         except Exception as e:  # a torch.compile failure surfaces at the first step: one clear line
             where = type(e).__module__
             if where.startswith(("torch._dynamo", "torch._inductor")):
@@ -208,10 +210,12 @@ class TrainStep:
         position: Any,
         inspect: Any,
         context: Any,
+        views: Any = None,
     ) -> StepResult:
         args = (images, labels, index) if context is None else (images, labels, index, context)
+        kwargs = {"views": views} if views else {}
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits, terms = self.model(*args)
+            logits, terms = self.model(*args, **kwargs)
         if not terms:
             raise ConfigError("the method returned no loss terms: nothing to optimise")
         total = sum(t.float() for t in terms.values())

@@ -48,8 +48,9 @@ import torch
 
 from mimkd.checkpoint import FORMAT, VERSION, atomic_save, capture_rng, load_checkpoint, restore_rng
 from mimkd.config import RunConfig
-from mimkd.data import BatchIterator, ImageDataset, eval_batches
+from mimkd.data import BatchAugment, BatchIterator, ImageDataset, eval_batches
 from mimkd.data.loader import storage_device
+from mimkd.data.views import build_views
 from mimkd.distillers.base import Distiller
 from mimkd.distillers.step_context import StepContext
 from mimkd.errors import CheckpointError, ConfigError, MimkdWarning, NonFiniteLossError
@@ -101,7 +102,7 @@ class Trainer:
         self.iterator = BatchIterator(
             train_set, o.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, device=device,
             augment=augment, with_labels=distiller.uses_labels, rank=dist.rank, world_size=dist.world_size,
-            storage_device=storage,
+            storage_device=storage, views=_method_views(distiller, augment, train_set),
         )  # fmt: skip
         self.test_set = test_set.to(device) if storage == device else test_set
         spe = len(self.iterator)
@@ -485,3 +486,12 @@ def _counted(items, bar):
     for item in items:
         yield item
         bar.update(1)
+
+
+def _method_views(distiller: Distiller, augment: Any, train_set: ImageDataset) -> dict[str, Any]:
+    """The extra views the method declares, built from the run's training augmentation."""
+    names = distiller.capabilities.views
+    if not names:
+        return {}
+    base = augment if isinstance(augment, BatchAugment) else BatchAugment(train_set.mean, train_set.std)
+    return build_views(names, base)
