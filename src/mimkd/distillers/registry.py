@@ -40,7 +40,7 @@ def _ensure_loaded() -> None:
 DISPLAY_ORDER = (
     "vanilla", "kd", "fitnets", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd",
     "crd+kd", "mimkd", "mimkd+kd", "wcord", "wcord+kd", "kdep", "dml", "dcm", "dkd", "kd+ls", "dkd+ls",
-    "dist",
+    "dist", "mlkd", "mlkd+ls",
 )  # fmt: skip
 
 
