@@ -7,13 +7,14 @@ naming its table cell); and, when the study loader is importable, a full load an
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mimkd.config import RunConfig
+from mimkd.config import RunConfig, build_config
 from mimkd.data.registry import available_datasets
 from mimkd.distillers import available as available_methods
 from mimkd.distillers.registry import get_method, validate_options
@@ -29,6 +30,8 @@ FILES = [
     "cifar100/ablation.yaml",
     "cifar100/transfer.yaml",
     "imagenet/resnet34_resnet18.yaml",
+    "cifar100/logit_methods.yaml",
+    "imagenet/logit_methods_r34_r18.yaml",
 ]
 
 # The keys of the study-file format (configs/README.md).
@@ -49,7 +52,7 @@ TOP_KEYS = {
 }
 REQUIRED_KEYS = {"study", "description", "seeds", "base", "teachers", "pairs", "methods"}
 TEACHER_KEYS = {"arch", "checkpoint", "train"}
-PAIR_KEYS = {"teacher", "student", "label"}
+PAIR_KEYS = {"teacher", "student", "label", "methods"}  # methods: the pair's own row options
 PROBE_KEYS = {"datasets"}
 ROW_RESERVED = {"name", "set"}  # the other keys of a row are the method's options
 
@@ -69,6 +72,11 @@ def row_method(row: str, opts: dict) -> str:
 
 def row_options(opts: dict) -> dict:
     return {k: v for k, v in opts.items() if k not in ROW_RESERVED}
+
+
+def pair_options(pair: dict, row: str, opts: dict) -> dict:
+    """The row's options for ``pair``: the pair's own (``methods:`` of the pair) over the row's."""
+    return {**row_options(opts), **row_options(pair.get("methods", {}).get(row, {}))}
 
 
 def grid_points(study: dict) -> list[dict]:
@@ -150,6 +158,9 @@ def test_methods_and_options_are_accepted(study):
         for point in grid_points(s):  # every grid point's method options too
             extra = {k.split(".", 1)[1]: v for k, v in point.items() if k.startswith("method.")}
             validate_options(name, {**row_options(opts), **extra})
+        for p in s["pairs"]:  # and every pair's own options of the row
+            assert set(p.get("methods", {})) <= set(s["methods"]), f"{rel}: pair {pair_label(p)}"
+            validate_options(name, pair_options(p, row, opts))
 
 
 def test_base_is_a_valid_run_configuration(study):
@@ -157,7 +168,7 @@ def test_base_is_a_valid_run_configuration(study):
     assert s["base"]["data"]["name"] in available_datasets()
     for p in s["pairs"]:
         for row, opts in s["methods"].items():
-            method = {"name": row_method(row, opts), **row_options(opts)}
+            method = {"name": row_method(row, opts), **pair_options(p, row, opts)}
             teacher = s["teachers"][p["teacher"]]
             RunConfig.model_validate(
                 {**s["base"], "student": {"arch": p["student"]}, "teacher": teacher, "method": method}
@@ -290,6 +301,9 @@ def test_table_sizes():
         "cifar100/benchmark_cross_arch.yaml": (6, 13, 6 * 14),
         "cifar100/wcord.yaml": (7, 5, 7 * 6),
         "cifar100/transfer.yaml": (1, 5, 5),  # no teacher row in Table 3
+        # 7 method columns but vanilla; no teacher/student numbers in those READMEs; no CRD for ShuffleV2
+        "cifar100/logit_methods.yaml": (7, 8, 7 * 7 - 1),
+        "imagenet/logit_methods_r34_r18.yaml": (1, 4, 5),  # teacher, vanilla, kd, dkd, dist
     }
     for rel, (n_pairs, n_rows, n_cells) in sizes.items():
         s = load(rel)
@@ -413,3 +427,127 @@ def test_loader_plans_every_run(rel, tmp_path):
             values = value.items() if isinstance(value, dict) else [("top1", value)]
             want = {m: (v[0], v[1]) if isinstance(v, list) else (v, None) for m, v in values}
             assert st.published(pair, row) == want, (pair, row)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The logit-methods studies: per-pair recipes, resolved as a run sees them
+
+LOGIT = "cifar100/logit_methods.yaml"
+LOGIT_IMAGENET = "imagenet/logit_methods_r34_r18.yaml"
+
+# The CIFAR-100 table of docs/methods/{dkd,logit_std}.md and the LS README: pair -> (KD, CRD, DKD, MLKD,
+# KD+LS, DKD+LS, MLKD+LS), the highest published; None: no published number.
+LOGIT_PUBLISHED = {
+    "resnet32x4-resnet8x4": (73.33, 75.51, 76.32, 77.08, 76.62, 77.01, 78.28),
+    "vgg13-vgg8": (72.98, 73.94, 74.68, 75.18, 74.36, 74.81, 75.22),
+    "wrn_40_2-wrn_40_1": (73.54, 74.14, 74.81, 75.35, 74.37, 74.89, 75.56),
+    "wrn_40_2-wrn_16_2": (74.92, 75.48, 76.24, 76.63, 76.11, 76.39, 76.95),
+    "resnet56-resnet20": (70.66, 71.16, 71.97, 72.19, 71.43, 72.32, 72.33),
+    "resnet110-resnet32": (73.08, 73.48, 74.11, 74.11, 74.17, 74.29, 74.32),
+    "resnet32x4-ShuffleV2": (74.45, None, 77.07, 78.44, 75.56, 77.37, 78.76),
+}
+LOGIT_ROWS = ("kd", "crd", "dkd", "mlkd", "kd+ls", "dkd+ls", "mlkd+ls")
+
+
+def resolved(rel: str, tmp_path) -> dict[tuple[str, str], RunConfig]:
+    """(pair label, row) -> the resolved run configuration of seed 0, planned by the study loader."""
+    study_mod = pytest.importorskip("mimkd.experiments.study")
+    runs = study_mod.load_study(CONFIGS / rel).plan(seeds=1, out=tmp_path, teachers_dir=tmp_path)
+    return {(pair, r.row): build_config(copy.deepcopy(r.config)).resolved() for r in runs for pair in r.pairs}
+
+
+def options_of(cfg: RunConfig):
+    return validate_options(cfg.method.name, cfg.method.options)
+
+
+@pytest.mark.parametrize(
+    "pair, row, option, expected",
+    [
+        # mdistiller configs/cifar100/dkd/*.yaml, DKD.BETA (absent: cfg.py's 8.0)
+        ("resnet56-resnet20", "dkd", "beta", 2.0),
+        ("resnet110-resnet32", "dkd", "beta", 2.0),
+        ("resnet32x4-resnet8x4", "dkd", "beta", 8.0),
+        ("vgg13-vgg8", "dkd", "beta", 6.0),
+        ("wrn_40_2-wrn_40_1", "dkd", "beta", 6.0),
+        ("wrn_40_2-wrn_16_2", "dkd", "beta", 6.0),
+        ("resnet32x4-ShuffleV2", "dkd", "beta", 8.0),
+        ("resnet56-resnet20", "dkd", "temperature", 4.0),  # cfg.py DKD.T
+        # LS log names (docs/methods/logit_std.md): DKD+LS τ, α, β
+        ("resnet56-resnet20", "dkd+ls", "temperature", 3.0),  # dkd,resnet56,resnet20,3,18,2.0
+        ("resnet56-resnet20", "dkd+ls", "alpha", 18.0),
+        ("resnet56-resnet20", "dkd+ls", "beta", 36.0),
+        ("vgg13-vgg8", "dkd+ls", "beta", 30.0),  # dkd,vgg13,vgg8,2,15,2.0
+        ("wrn_40_2-wrn_16_2", "dkd+ls", "alpha", 12.0),  # dkd,wrn_40_2,wrn_16_2,2,12,2.0
+        ("resnet32x4-resnet8x4", "dkd+ls", "beta", 72.0),  # dkd,resnet32x4,resnet8x4,2,9: 8 x 9
+        ("resnet32x4-ShuffleV2", "dkd+ls", "temperature", 2.0),  # dkd,resnet32x4,ShuffleV2,2,9
+        # KD+LS τ, weight
+        ("vgg13-vgg8", "kd+ls", "temperature", 3.0),  # kd,vgg13,vgg8,3,9
+        ("resnet56-resnet20", "kd+ls", "temperature", 2.0),  # kd,resnet56,resnet20,2,9
+        ("resnet56-resnet20", "kd+ls", "kd_weight", 9.0),
+        # MLKD: its cfg.py KD block; MLKD+LS: LS log names mlkd,TEACHER,STUDENT,τ,w
+        ("resnet32x4-resnet8x4", "mlkd", "temperature", 4.0),
+        ("resnet32x4-resnet8x4", "mlkd", "kd_weight", 0.9),
+        ("resnet32x4-resnet8x4", "mlkd+ls", "kd_weight", 9.0),  # mlkd,resnet32x4,resnet8x4,2,9
+        ("vgg13-vgg8", "mlkd+ls", "kd_weight", 6.0),  # mlkd,vgg13,vgg8,2,6
+        ("resnet32x4-ShuffleV2", "mlkd+ls", "kd_weight", 6.0),  # mlkd,resnet32x4,ShuffleV2,2,6
+        ("resnet32x4-ShuffleV2", "mlkd+ls", "temperature", 2.0),
+    ],
+)
+def test_logit_methods_per_pair_options(tmp_path, pair, row, option, expected):
+    assert getattr(options_of(resolved(LOGIT, tmp_path)[(pair, row)]), option) == expected
+
+
+def test_logit_methods_solvers(tmp_path):
+    runs = resolved(LOGIT, tmp_path)
+    for (pair, row), cfg in runs.items():
+        o = cfg.optim
+        assert (o.batch_size, o.weight_decay, o.momentum, o.nesterov) == (64, 5e-4, 0.9, False), (pair, row)
+        assert o.milestones == [150, 180, 210] and o.gamma == 0.1, (pair, row)
+        shuffle = pair.endswith("ShuffleV2")
+        if row in ("mlkd", "mlkd+ls"):
+            # MLKD configs/cifar100/ours/*.yaml: lr 0.025 (0.01 res32x4_shuv2), 480 epochs as released;
+            # MLKD+LS: LS configs/cifar100/mlkd/*.yaml and logs (vgg13_vgg8 lr 0.01; ShuffleV2 960 epochs)
+            lr = 0.01 if shuffle or (row == "mlkd+ls" and pair == "vgg13-vgg8") else 0.025
+            epochs = 960 if shuffle and row == "mlkd+ls" else 480
+        else:  # RepDistiller's recipe = mdistiller's DKD configs = the LS KD/DKD logs
+            lr, epochs = (0.01 if shuffle else 0.05), 240
+        assert (o.lr, o.epochs) == (lr, epochs), (pair, row)
+
+
+def test_logit_methods_published(tmp_path):
+    study_mod = pytest.importorskip("mimkd.experiments.study")
+    st = study_mod.load_study(CONFIGS / LOGIT)
+    assert st.pair_labels() == list(LOGIT_PUBLISHED)
+    for pair, values in LOGIT_PUBLISHED.items():
+        for row, value in zip(LOGIT_ROWS, values):
+            assert st.published(pair, row) == ({"top1": (value, None)} if value else {}), (pair, row)
+        assert st.published(pair, "vanilla") == {} and st.published(pair, "teacher") == {}
+
+
+def test_logit_methods_imagenet(tmp_path):
+    runs = resolved(LOGIT_IMAGENET, tmp_path)
+    pair = "resnet34-resnet18"
+    dkd, dist, kd = runs[(pair, "dkd")], runs[(pair, "dist")], runs[(pair, "kd")]
+    # mdistiller configs/imagenet/r34_r18/dkd.yaml: CE 1, BETA 0.5, T 1, WARMUP 1 (ALPHA: cfg.py's 1)
+    o = options_of(dkd)
+    assert (o.ce_weight, o.alpha, o.beta, o.temperature, o.warmup_epochs) == (1.0, 1.0, 0.5, 1.0, 1)
+    # its SOLVER (kd.yaml's too): batch 512, 100 epochs, lr 0.2 x0.1 at 30/60/90, wd 1e-4, plain SGD
+    for cfg in (dkd, kd):
+        s = cfg.optim
+        assert (s.batch_size, s.epochs, s.lr, s.milestones) == (512, 100, 0.2, [30, 60, 90])
+        assert (s.weight_decay, s.momentum, s.nesterov, s.warmup_epochs) == (1e-4, 0.9, False, 0)
+    k = options_of(kd)  # r34_r18/kd.yaml: T 1, CE 0.5, KD 0.5
+    assert (k.temperature, k.ce_weight, k.kd_weight) == (1.0, 0.5, 0.5)
+    # DIST resnet_dist.yaml: kd 'dist' (τ 1, β = γ = 1 x kd_loss_weight 2); lr 0.1, 32 x 8 GPUs, 100 epochs,
+    # x0.1 every 30, wd 1e-4, SGD with Nesterov (args.py: --sgd-no-nesterov off)
+    d = options_of(dist)
+    assert (d.temperature, d.beta, d.gamma, d.ce_weight) == (1.0, 2.0, 2.0, 1.0)
+    s = dist.optim
+    assert (s.batch_size, s.epochs, s.lr, s.milestones, s.nesterov) == (256, 100, 0.1, [30, 60, 90], True)
+    v = runs[(pair, "vanilla")].optim  # torchvision's ResNet recipe (our imagenet recipe)
+    assert (v.batch_size, v.epochs, v.lr, v.milestones) == (256, 90, 0.1, [30, 60])
+    study_mod = pytest.importorskip("mimkd.experiments.study")
+    st = study_mod.load_study(CONFIGS / LOGIT_IMAGENET)
+    # mdistiller README: DKD 71.70, KD 71.03; DIST_KD README: DIST 72.07, ResNet-34 73.31, ResNet-18 69.76
+    want = {"dkd": 71.70, "dist": 72.07, "kd": 71.03, "teacher": 73.31, "vanilla": 69.76}
+    assert {row: st.published(pair, row)["top1"][0] for row in want} == want

@@ -9,6 +9,11 @@ Run directories: ``OUT/STUDY/PAIR/ROW[/POINT]/seedK``; a row whose method needs 
 ``dml``, ``dcm``) runs once per student, in ``OUT/STUDY/student-ARCH/ROW/...``, and is shared by every pair
 with that student. Teachers trained by a sweep live in ``OUT/teachers/NAME_HASH`` (HASH of their
 configuration), so studies that need the same teacher train it once.
+
+A pair may change a row for itself alone (``pairs: [{..., methods: {ROW: {OPTION: VALUE, set: [...]}}}]``:
+the published recipes differ per pair): its options are merged over the row's, its ``set`` entries applied
+after the row's. A teacher-free row with such options runs in ``OUT/STUDY/student-ARCH/ROW@HASH/...`` (HASH of
+the pair's options for it), shared only by the pairs that give it the same options.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class PairSpec(_Strict):
     teacher: str
     student: str
     label: str | None = None
+    # row label -> this pair's own options of the row (merged over the row's) and ``set`` overrides (after
+    # the row's), e.g. DKD's β per pair: {dkd: {beta: 2.0}}
+    methods: dict[str, dict[str, Any]] = {}
 
 
 class ExcludeSpec(_Strict):
@@ -129,6 +137,13 @@ class Study:
     def row_options(self, row: str) -> dict[str, Any]:
         return {k: v for k, v in self.spec.methods[row].items() if k not in ("name", "set")}
 
+    def pair_row(self, p: PairSpec, row: str) -> tuple[dict[str, Any], list[str]]:
+        """The row's method options and ``set`` overrides for pair ``p``: the pair's own (``methods:`` of the
+        pair) merged over the row's options, its ``set`` entries after the row's."""
+        own = p.methods.get(row, {})
+        options = {**self.row_options(row), **{k: v for k, v in own.items() if k != "set"}}
+        return options, [*self.spec.methods[row].get("set", []), *own.get("set", [])]
+
     def grid_points(self, row: str) -> list[dict[str, Any]]:
         rows = self.spec.grid_rows
         if not self.spec.grid or (rows is not None and row not in rows):
@@ -148,6 +163,40 @@ class Study:
 
         out = Path(out)
         n_seeds = seeds or self.spec.seeds
+        teacher_runs, teacher_ckpt = self._teachers(out, teachers_dir)
+        runs: dict[str, PlannedRun] = {}
+        excluded = {(e.pair, e.row) for e in self.spec.exclude}
+        for p in self.spec.pairs:
+            label = self.pair_label(p)
+            for row in self.spec.methods:
+                if (label, row) in excluded:
+                    continue
+                needs_teacher = get_method(self.row_method(row)).requires_teacher
+                where = self._row_dir(p, row, needs_teacher)
+                trained = teacher_runs.get(p.teacher) if needs_teacher else None
+                ckpt = teacher_ckpt[p.teacher] if needs_teacher else None
+                for point in self.grid_points(row):
+                    for seed in range(n_seeds):
+                        parts = [where, *([point_label(point)] if point else []), f"seed{seed}"]
+                        key = "/".join([self.name, *parts])
+                        if key in runs:
+                            runs[key].pairs.append(label)
+                            continue
+                        cfg = self._student_config(p, row, point, seed, ckpt, out / key)
+                        runs[key] = PlannedRun(
+                            key, "student", row, seed, cfg, [label], p.student, point, trained and trained.key
+                        )
+        used = {r.needs for r in runs.values() if r.needs}
+        teachers = [r for r in teacher_runs.values() if r.key in used]
+        planned = teachers + list(runs.values())
+        for r in planned:
+            _validate_run(r)
+        return planned
+
+    def _teachers(
+        self, out: Path, teachers_dir: str | Path | None
+    ) -> tuple[dict[str, PlannedRun], dict[str, str]]:
+        """The teacher runs the sweep trains (by teacher name) and every teacher's checkpoint path."""
         teacher_runs: dict[str, PlannedRun] = {}
         teacher_ckpt: dict[str, str] = {}
         for name, t in self.spec.teachers.items():
@@ -167,46 +216,36 @@ class Study:
             run = PlannedRun(key, "teacher", name, int(cfg["seed"]), cfg, student=t.arch)
             teacher_runs[name] = run
             teacher_ckpt[name] = str(out / run.key / "last.pt")
+        return teacher_runs, teacher_ckpt
 
-        runs: dict[str, PlannedRun] = {}
-        excluded = {(e.pair, e.row) for e in self.spec.exclude}
-        for p in self.spec.pairs:
-            label, t = self.pair_label(p), self.spec.teachers[p.teacher]
-            for row in self.spec.methods:
-                if (label, row) in excluded:
-                    continue
-                method = self.row_method(row)
-                needs_teacher = get_method(method).requires_teacher
-                for point in self.grid_points(row):
-                    for seed in range(n_seeds):
-                        parts = [label if needs_teacher else f"student-{p.student}", row]
-                        parts += [point_label(point)] if point else []
-                        key = "/".join([self.name, *parts, f"seed{seed}"])
-                        if key in runs:
-                            runs[key].pairs.append(label)
-                            continue
-                        cfg = copy.deepcopy(self.spec.base)
-                        cfg.update(student={**cfg.get("student", {}), "arch": p.student})
-                        cfg["method"] = {"name": method, **self.row_options(row)}
-                        cfg["seed"] = seed
-                        cfg.pop("teacher", None)
-                        if needs_teacher:
-                            cfg["teacher"] = {"arch": t.arch, "checkpoint": teacher_ckpt[p.teacher]}
-                        sets = list(self.spec.methods[row].get("set", []))
-                        sets += [f"{k}={json.dumps(v)}" for k, v in point.items()]
-                        apply_overrides(cfg, sets)
-                        run_dir = out / key
-                        cfg.update(out_dir=str(run_dir.parent), name=run_dir.name)
-                        trained = teacher_runs.get(p.teacher) if needs_teacher else None
-                        runs[key] = PlannedRun(
-                            key, "student", row, seed, cfg, [label], p.student, point, trained and trained.key
-                        )
-        used = {r.needs for r in runs.values() if r.needs}
-        teachers = [r for r in teacher_runs.values() if r.key in used]
-        planned = teachers + list(runs.values())
-        for r in planned:
-            _validate_run(r)
-        return planned
+    def _row_dir(self, p: PairSpec, row: str, needs_teacher: bool) -> str:
+        """``PAIR/ROW``; ``student-ARCH/ROW`` for a teacher-free row (shared by the pairs with that student),
+        ``student-ARCH/ROW@HASH`` when the pair gives the row its own options (shared by the pairs giving the
+        same ones, HASH of them)."""
+        if needs_teacher:
+            return f"{self.pair_label(p)}/{row}"
+        own = p.methods.get(row)
+        if not own:
+            return f"student-{p.student}/{row}"
+        digest = hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:8]
+        return f"student-{p.student}/{row}@{digest}"
+
+    def _student_config(
+        self, p: PairSpec, row: str, point: dict[str, Any], seed: int, ckpt: str | None, run_dir: Path
+    ) -> dict[str, Any]:
+        """The run configuration of one student run (``ckpt``: its teacher's checkpoint, None: no teacher)."""
+        options, sets = self.pair_row(p, row)
+        cfg = copy.deepcopy(self.spec.base)
+        cfg.update(student={**cfg.get("student", {}), "arch": p.student})
+        cfg["method"] = {"name": self.row_method(row), **copy.deepcopy(options)}
+        cfg["seed"] = seed
+        cfg.pop("teacher", None)
+        if ckpt is not None:
+            cfg["teacher"] = {"arch": self.spec.teachers[p.teacher].arch, "checkpoint": ckpt}
+        sets += [f"{k}={json.dumps(v)}" for k, v in point.items()]
+        apply_overrides(cfg, sets)
+        cfg.update(out_dir=str(run_dir.parent), name=run_dir.name)
+        return cfg
 
     def published(self, pair: str, row: str) -> dict[str, tuple[float, float | None]]:
         """A cell's published values, ``{metric: (mean, std or None)}`` (metric ``top1`` for numbers)."""
@@ -280,6 +319,8 @@ def _check_names(spec: StudyFile, path: Path) -> None:
     labels = [p.label or f"{p.teacher}-{p.student}" for p in spec.pairs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{where}: two pairs share a label; give one of them label:")
+    for p, label in zip(spec.pairs, labels):
+        _check_pair_methods(spec, p, f"{where}: pair {label}")
     for e in spec.exclude:
         if e.pair not in labels or e.row not in spec.methods:
             raise ConfigError(
@@ -293,3 +334,25 @@ def _check_names(spec: StudyFile, path: Path) -> None:
             if row not in spec.methods and row != "teacher":
                 hint = did_you_mean(row, [*spec.methods, "teacher"])
                 raise ConfigError(f"{where}: published.{pair}: {row!r} is not a row of methods.{hint}")
+
+
+def _check_pair_methods(spec: StudyFile, p: PairSpec, where: str) -> None:
+    """A pair's own row options (``methods:`` of the pair): rows of the study, valid merged options."""
+    from mimkd.distillers.registry import validate_options
+
+    for row, own in p.methods.items():
+        if row not in spec.methods:
+            hint = did_you_mean(row, list(spec.methods))
+            raise ConfigError(f"{where}: methods.{row}: {row!r} is not a row of methods:.{hint}")
+        if "name" in own:
+            raise ConfigError(
+                f"{where}: methods.{row}.name: a pair cannot change a row's method; add a row under methods:"
+            )
+        if not isinstance(own.get("set", []), list):
+            raise ConfigError(f"{where}: methods.{row}.set must be a list of KEY=VALUE strings")
+        row_opts = spec.methods[row]
+        options = {k: v for k, v in {**row_opts, **own}.items() if k not in ("name", "set")}
+        try:
+            validate_options(str(row_opts.get("name", row)), options)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: methods.{row}: {e}") from None
