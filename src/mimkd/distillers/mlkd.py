@@ -138,8 +138,8 @@ def mlkd_terms(
 class MLKDOptions(MethodOptions):
     """MLKD's options; defaults are the reference's (``cfg.KD``: T 4, CE 0.1, KD 0.9; temperatures 3, 5, 2, 6
     fixed in ``KD_ours.py``). Its CIFAR-100 recipe (``configs/cifar100/ours/*.yaml``): batch 64, lr 0.025
-    (0.01 for ShuffleNet students), weight decay 5e-4, ×0.1 at epochs 150/180/210, 240 epochs (480 for
-    resnet32x4 → ShuffleV2): docs/methods/mlkd.md."""
+    (0.01 for ShuffleNet students), weight decay 5e-4, ×0.1 at epochs 150/180/210, 480 epochs at its code
+    release (later commits: 960 for ShuffleV2, 240 for the same-family pairs): docs/methods/mlkd.md."""
 
     temperature: float = Field(4.0, gt=0.0)  # the base temperature, first of the set
     extra_temperatures: tuple[PositiveFloat, ...] = EXTRA_TEMPERATURES
