@@ -265,7 +265,8 @@ def run_demo(
     ``methods`` (``{method: options}``, default the demo's vanilla/kd/mimkd) runs other methods on the same
     protocol (``experiments/baselines_fmnist.py``); a method with a ``runs_as`` key runs that registered
     method under this row name (e.g. two option sets of one method), and a ``train`` key (a dict) sets
-    ``train.*`` options of that row's runs (e.g. ``log_term_grads``). ``threads`` per run defaults to the
+    ``train.*`` options of that row's runs (e.g. ``log_term_grads``), an ``optim`` key ``optim.*`` options
+    (e.g. a method's own learning rate). ``threads`` per run defaults to the
     cores divided by ``workers`` (two studies side by side: ``workers=1, threads=1`` each).
     """
     t0 = time.time()
@@ -288,11 +289,12 @@ def run_demo(
     for method in reversed(list(methods)):
         opts = dict(methods[method])
         registered = opts.pop("runs_as", method)
-        train = opts.pop("train", {})
+        train, optim = opts.pop("train", {}), opts.pop("optim", {})
         for seed in range(seeds):
             cfg = _student_config(registered, seed, teacher_ckpt, out, epochs, fraction, opts)
             cfg["name"] = f"{method}_s{seed}"
             cfg["train"].update(train)
+            cfg["optim"].update(optim)
             jobs.append((method, seed, cfg))
     print(
         f"[demo] students: {DEMO['student']} on {fraction:.0%} of Fashion-MNIST, "
