@@ -161,3 +161,14 @@ def test_an_mlkd_run_resumes_bit_identical(tiny_teacher, tmp_path):
     b = torch.load(tmp_path / "cut" / "last.pt", map_location="cpu", weights_only=False)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after the resume"
+
+
+def test_every_method_takes_the_views_keyword():
+    """A distiller that overrides ``forward`` (KDEP drops labels there) must still pass ``views`` through."""
+    import inspect
+
+    from mimkd.distillers import available, get_method
+
+    for name in available():
+        params = inspect.signature(get_method(name).forward).parameters
+        assert "views" in params, f"{name}.forward does not take views="

@@ -36,7 +36,7 @@ def _step_flops(distiller, x, y, idx, views=None) -> int:
 
     distiller.train()
     with FlopCounterMode(display=False) as counter:
-        _, terms = distiller(x, y, idx, views=views)
+        _, terms = distiller(x, y, idx, views=views) if views else distiller(x, y, idx)
         sum(terms.values()).backward()
     distiller.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
@@ -83,7 +83,7 @@ def describe(
     hook = t_net.register_forward_hook(lambda *_: teacher_calls.append(1)) if t_net is not None else None
     # the extra views a method reads (MLKD's strong view): random batches of the same shape
     views = {name: torch.randn_like(x) for name in d.capabilities.views}
-    total_fwd = count_flops(lambda a: d(a, y, idx, views=views), x) / _BATCH
+    total_fwd = count_flops(lambda a: d(a, y, idx, views=views) if views else d(a, y, idx), x) / _BATCH
     if hook is not None:
         hook.remove()
     if not teacher_calls:  # the main stage does not run the teacher (AB, FSP: CE only after their init stage)

@@ -57,6 +57,7 @@ Deviations:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -237,9 +238,10 @@ class KDEP(Distiller):
         labels: Tensor | None = None,
         index: Tensor | None = None,
         ctx: StepContext | None = None,
+        views: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         # labels are dropped here, before any method code runs: KDEP never reads them (its capabilities)
-        return super().forward(images, None, index, ctx)
+        return super().forward(images, None, index, ctx, views)
 
     def compute(self, images, labels, index=None, ctx=None):
         if not self._ready:
