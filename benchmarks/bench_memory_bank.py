@@ -1,29 +1,32 @@
-"""Memory-bank scoring and class-aware negative sampling: strategy timings.
+"""Memory banks from CIFAR-100 to ImageNet size: scoring paths, the cost model, negative sampling.
 
-Writes ``results/bench_memory_bank.md`` (the "## Discussion" section of an existing file is kept).
+Writes ``results/bench_memory_bank.md`` and ``.json`` (an existing file's "## Discussion" section is kept).
 
 Usage::
 
-    PYTHONPATH=src python benchmarks/bench_memory_bank.py [--threads 1 [2]] [--repeats 7] [--quick]
+    PYTHONPATH=src python benchmarks/bench_memory_bank.py [--threads 2] [--repeats 3] [--quick]
         [--out results/bench_memory_bank.md]
 
-Part 1 — ``MemoryBank.scores`` for B = 64, D = 128: the reference implementation (CRD: ``index_select`` of
-B×(K+1)×D rows + ``bmm``), our ``'rows'`` path (the same algorithm), and ``'full'`` (``z @ Mᵀ`` then
-``gather``), forward and forward+backward (gradient to ``z``), plus a sweep of ``B·(K+1)/N`` that locates the
-crossover used by ``FULL_MATRIX_RATIO``.
+Part 1 — the grid N ∈ {50k, 200k, 1.28M} × B ∈ {64, 256} × K ∈ {4096, 16384}, D = 128: one bank step
+(:func:`mimkd.bench.bank.measure_bank_step`: sample K negatives per anchor, score, update the batch's rows in
+place, backward) forced to each scoring path, each in a fresh process (time of each part, peak memory above
+the bank itself); the path the cost model (:mod:`mimkd.mi.bank_scores`) chooses, and its time against the
+faster one. The constants the forward times imply are printed beside the library's.
 
-Part 2 — K negatives of other classes per anchor, B = 64, N = 50 000 (100 classes), K ∈ {4096, 16384}: CRD's
+Part 2 — the sampler at N = 1.28M against the previous algorithm (a B×N table of first occurrences).
+
+Part 3 — K negatives of other classes per anchor, B = 64, N = 50 000 (100 classes), K ∈ {4096, 16384}: CRD's
 per-sample ``np.random.choice`` loop (reference), ``torch.multinomial`` without replacement, argsort of random
-keys, top-k of float32 keys, and the two exact methods of ``ClassAwareNegativeSampler`` (``'topk'``: top-k of
-62-bit keys over the class-sorted pool; ``'draw'``: i.i.d. draws with repeats dropped).
+keys, top-k of float32 keys, and the two exact methods of ``ClassAwareNegativeSampler``.
 
-Timings: each case is warmed up once, then run ``--repeats`` times; the table reports the minimum and the
-median in milliseconds (the minimum is the least disturbed by other processes on a shared machine).
+Timings of parts 2–3: each case is warmed up once, then run ``--repeats`` times; the table reports the minimum
+and the median in milliseconds (the minimum is the least disturbed by other processes on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -34,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mimkd.mi.memory import FULL_MATRIX_RATIO, TOPK_DRAW_RATIO, ClassAwareNegativeSampler, MemoryBank
+from mimkd.bench.bank import measure_isolated
+from mimkd.mi.bank_scores import COSTS, choose_strategy
+from mimkd.mi.memory import TOPK_DRAW_RATIO, ClassAwareNegativeSampler
 
 B, D = 64, 128
 
@@ -53,39 +58,79 @@ def fmt(t: tuple[float, float]) -> str:
     return f"{t[0]:.1f} / {t[1]:.1f}"
 
 
-# ------------------------------------------------------------------------------------------ bank scoring
-def reference_scores(memory: torch.Tensor, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """CRD's ContrastMemory: gather B×(K+1)×D rows, then a batched matrix-vector product."""
-    weight = (
-        torch.index_select(memory, 0, idx.view(-1)).detach().view(idx.shape[0], idx.shape[1], memory.shape[1])
-    )
-    return torch.bmm(weight, z.view(z.shape[0], -1, 1)).squeeze(2)
+# ------------------------------------------------------------------------------------------ the grid
+GRID_N = (50_000, 200_000, 1_281_167)
+GRID_B = (64, 256)
+GRID_K = (4096, 16384)
 
 
-def bench_scores(n: int, k: int, repeats: int) -> dict[str, tuple[float, float]]:
-    g = torch.Generator().manual_seed(0)
-    bank = MemoryBank(n, D, generator=g)
-    z = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1).requires_grad_(True)
-    idx = torch.randint(0, n, (B, k + 1), generator=g)
-    weights = torch.randn(B, k + 1, generator=g)
-    fns = {
-        "reference": lambda: reference_scores(bank.memory, z, idx),
-        "rows": lambda: bank.scores(z, idx, strategy="rows"),
-        "full": lambda: bank.scores(z, idx, strategy="full"),
-    }
-    ref = fns["reference"]().detach()
-    out: dict[str, tuple[float, float]] = {}
-    for name, fn in fns.items():
-        assert torch.allclose(fn().detach(), ref, atol=1e-5), name
-        with torch.no_grad():
-            out[f"{name} fwd"] = timeit(fn, repeats)
-
-        def step(fn=fn) -> None:
-            z.grad = None
-            (fn() * weights).sum().backward()
-
-        out[f"{name} fwd+bwd"] = timeit(step, repeats)
+def bench_grid(threads: int, repeats: int, quick: bool) -> list[dict]:
+    points = [(n, b, k) for n in GRID_N for b in GRID_B for k in GRID_K]
+    if quick:
+        points = [(50_000, 64, 4096), (1_281_167, 64, 4096)]
+    out = []
+    for n, b, k in points:
+        runs = {
+            s: measure_isolated(threads, n=n, batch=b, k=k, dim=D, strategy=s, repeats=repeats)
+            for s in ("full", "rows")
+        }
+        chosen = choose_strategy(n, b, k, D)
+        best = min(runs, key=lambda s: runs[s].get("seconds", float("inf")))
+        row = {"n": n, "batch": b, "k": k, "chosen": chosen, "best": best, **runs}
+        row["chosen_vs_best"] = runs[chosen]["seconds"] / runs[best]["seconds"]
+        out.append(row)
+        print(_grid_line(row), flush=True)
     return out
+
+
+def _grid_line(r: dict) -> str:
+    full, rows = r["full"], r["rows"]
+    return (
+        f"| {r['n']:,} | {r['batch']} | {r['k']} | {full['parts']['scores'] * 1e3:.0f} | "
+        f"{rows['parts']['scores'] * 1e3:.0f} | {full['parts']['backward'] * 1e3:.0f} | "
+        f"{full['parts']['sample'] * 1e3:.0f} | {full['parts']['update'] * 1e3:.1f} | "
+        f"{full['seconds'] * 1e3:.0f} | {rows['seconds'] * 1e3:.0f} | {full['peak_mib']:.0f} | "
+        f"{rows['peak_mib']:.0f} | {r['chosen']} | {r['best']} | {r['chosen_vs_best']:.2f} |"
+    )
+
+
+def fitted_constants(grid: list[dict]) -> tuple[float, float]:
+    """Median seconds per B×N score (full forward) and per gathered float (rows forward) over the grid."""
+    full = [r["full"]["parts"]["scores"] / (r["batch"] * r["n"]) for r in grid]
+    rows = [r["rows"]["parts"]["scores"] / (r["batch"] * (r["k"] + 1) * D) for r in grid]
+    return statistics.median(full), statistics.median(rows)
+
+
+def previous_sampler(labels: torch.Tensor, k: int, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The sampler's previous duplicate test (pool positions only): a B×N table of first occurrences."""
+    n, batch = labels.numel(), index.numel()
+    pool = n - n // 1000
+    draws = ClassAwareNegativeSampler(labels, k)._draws
+    stream = torch.randint(0, pool, (batch, draws), generator=g)
+    step = torch.arange(draws, dtype=torch.int32).expand(batch, draws)
+    first = torch.full((batch, pool), draws, dtype=torch.int32)
+    first.scatter_reduce_(1, stream, step, reduce="amin")
+    return first.gather(1, stream) == step
+
+
+def bench_sampler_scale(repeats: int) -> list[tuple[int, int, tuple, tuple]]:
+    n = 1_281_167
+    labels = torch.arange(n) % 1000
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for b in GRID_B:
+        index = torch.randint(0, n, (b,), generator=g)
+        k = 16384
+        sampler = ClassAwareNegativeSampler(labels, k)
+        rows.append(
+            (
+                b,
+                k,
+                timeit(lambda s=sampler, i=index: s.sample(i, g), repeats),
+                timeit(lambda i=index, k=k: previous_sampler(labels, k, i, g), repeats),
+            )
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -161,78 +206,95 @@ def sampler_crossover(repeats: int) -> list[tuple[int, float, tuple[float, float
     return rows
 
 
+def _grid_section(grid: list[dict], threads: int) -> list[str]:
+    fit_full, fit_rows = fitted_constants(grid)
+    lib = COSTS["cpu"]
+    worst = max(r["chosen_vs_best"] for r in grid)
+    lines = [
+        f"## 1. One bank step, N up to 1.28M ({threads} thread{'s' if threads > 1 else ''})",
+        "",
+        "Milliseconds per step (median of the timed steps, each (N, B, K, path) in a fresh process); peak "
+        "memory = the process's peak resident set above what it held with bank and sampler built. The "
+        "backward (a weighted sum of each anchor's K+1 rows) and the sampler are the same for both paths "
+        "(shown once, from the full-path process). `chosen`: the cost model's path; `chosen / best`: its "
+        "whole step against the faster path's.",
+        "",
+        "| N | B | K | full fwd | rows fwd | backward | sample | update | full step | rows step "
+        "| full peak MiB | rows peak MiB | chosen | best | chosen / best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_grid_line(r) for r in grid),
+        "",
+        f"Worst chosen / best over the grid: **{worst:.2f}**. Constants these forward times imply: "
+        f"{fit_full:.2e} s per B×N score (library: {lib.full_per_score:.2e}), {fit_rows:.2e} s per gathered "
+        f"float (library: {lib.rows_per_value:.2e}); the model picks `full` when N < "
+        f"{lib.rows_per_value * 128 / lib.full_per_score:.1f}·(K+1).",
+        "",
+    ]
+    return lines
+
+
+def _sampler_sections(repeats: int, quick: bool) -> list[str]:
+    lines = ["## 2. Sampler at N = 1,281,167 (1000 classes), K = 16384", ""]
+    lines += [
+        "| B | K | ClassAwareNegativeSampler.sample (whole call) "
+        "| previous duplicate test alone (B×N table) |",
+        "|---|---|---|---|",
+    ]
+    for b, k, new, old in bench_sampler_scale(max(1, repeats)):
+        lines.append(f"| {b} | {k} | {fmt(new)} | {fmt(old)} |")
+        print(lines[-1], flush=True)
+    lines += ["", "## 3. Class-aware negative sampling (B = 64, N = 50 000, 100 classes)", ""]
+    lines += ["| method | K = 4096 | K = 16384 |", "|---|---|---|"]
+    results = {k: bench_sampling(k, repeats, with_loop=True) for k in (4096, 16384)}
+    chosen = {k: ClassAwareNegativeSampler(torch.arange(50_000) % 100, k).method for k in (4096, 16384)}
+    for name in results[16384]:
+        cells = [
+            fmt(results[k][name]) + (f" (→ {chosen[k]})" if "auto" in name else "") for k in (4096, 16384)
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        print(lines[-1], flush=True)
+    if not quick:
+        lines += ["", "Crossover of the two exact sampler methods:", ""]
+        lines += ["| K | expected draws / pool | 'draw' | 'topk' |", "|---|---|---|---|"]
+        for k, ratio, draw, topk in sampler_crossover(repeats):
+            lines.append(f"| {k} | {ratio:.3f} | {fmt(draw)} | {fmt(topk)} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer cases (smoke test)")
     parser.add_argument("--out", default="results/bench_memory_bank.md")
     args = parser.parse_args()
-
+    torch.set_num_threads(args.threads)
     cpu = platform.processor() or platform.machine()
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
-        "# Memory bank: scoring strategies and negative sampling",
+        "# Memory bank: scoring paths, cost model and negative sampling, up to ImageNet size",
         "",
         f"Generated by `benchmarks/bench_memory_bank.py`. torch {torch.__version__}, {cpu}, "
-        f"{os.cpu_count()} logical CPUs, B = {B}, D = {D}. Times in ms as **min / median** of "
-        f"{args.repeats} runs after one warm-up. Load average at start: {load} (the machine is shared with "
-        "other jobs; the minimum is the less disturbed figure).",
+        f"{os.cpu_count()} logical CPUs, {args.threads} torch threads, D = {D}. Load average at start: "
+        f"{load} (the machine is shared with other jobs).",
         "",
-        f"Library settings chosen from these numbers: `FULL_MATRIX_RATIO = {FULL_MATRIX_RATIO}` (`scores` "
-        f"uses the full matrix when B·(K+1) ≥ ratio·N), `TOPK_DRAW_RATIO = {TOPK_DRAW_RATIO}` (the sampler "
-        "uses top-k of random keys when the expected draws exceed ratio·pool, else draw-and-drop-repeats).",
+        f"Library settings: the cost model's constants `COSTS['cpu']` (mimkd.mi.bank_scores) and "
+        f"`TOPK_DRAW_RATIO = {TOPK_DRAW_RATIO}` (the sampler uses top-k of random keys when the expected "
+        "draws exceed ratio·pool, else draw-and-drop-repeats).",
         "",
     ]
-    main_cases = [(50_000, 4096), (50_000, 16384), (6000, 4096)]
-    sweep = [(50_000, k) for k in (64, 256, 512, 768, 1024, 1536)] + [
-        (6000, k) for k in (16, 48, 96, 128, 192)
-    ]
-    if args.quick:
-        main_cases, sweep = main_cases[:1], sweep[:2]
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "", "### `MemoryBank.scores`", ""]
-        lines += [
-            "| N | K | B·(K+1)/N | reference fwd | rows fwd | full fwd | reference fwd+bwd | rows fwd+bwd "
-            "| full fwd+bwd | full speed-up (fwd+bwd) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for n, k in main_cases + sweep:
-            r = bench_scores(n, k, args.repeats)
-            speedup = r["reference fwd+bwd"][0] / r["full fwd+bwd"][0]
-            lines.append(
-                f"| {n} | {k} | {B * (k + 1) / n:.2f} | {fmt(r['reference fwd'])} | {fmt(r['rows fwd'])} | "
-                f"{fmt(r['full fwd'])} | {fmt(r['reference fwd+bwd'])} | {fmt(r['rows fwd+bwd'])} | "
-                f"{fmt(r['full fwd+bwd'])} | {speedup:.1f}× |"
-            )
-            print(lines[-1], flush=True)
-        lines += ["", "### Class-aware negative sampling (N = 50 000, 100 classes)", ""]
-        lines += ["| method | K = 4096 | K = 16384 |", "|---|---|---|"]
-        results = {
-            k: bench_sampling(k, args.repeats, with_loop=threads == args.threads[0]) for k in (4096, 16384)
-        }
-        chosen = {k: ClassAwareNegativeSampler(torch.arange(50_000) % 100, k).method for k in (4096, 16384)}
-        for name in results[16384]:
-            cells = [
-                fmt(results[k][name]) + (f" (→ {chosen[k]})" if "auto" in name else "") for k in (4096, 16384)
-            ]
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-            print(lines[-1], flush=True)
-        if not args.quick:
-            lines += ["", "Crossover of the two exact sampler methods:", ""]
-            lines += ["| K | expected draws / pool | 'draw' | 'topk' |", "|---|---|---|---|"]
-            for k, ratio, draw, topk in sampler_crossover(args.repeats):
-                lines.append(f"| {k} | {ratio:.3f} | {fmt(draw)} | {fmt(topk)} |")
-                print(lines[-1], flush=True)
-        lines.append("")
-    lines.append("Load average at end: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
+    grid = bench_grid(args.threads, args.repeats, args.quick)
+    lines += _grid_section(grid, args.threads)
+    lines += _sampler_sections(args.repeats, args.quick)
+    lines += ["", "Load average at end: " + " ".join(f"{x:.1f}" for x in os.getloadavg())]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = out.read_text() if out.exists() else ""
     marker = "\n## Discussion"
     discussion = existing[existing.index(marker) :] if marker in existing else ""
     out.write_text("\n".join(lines) + "\n" + discussion)
+    out.with_suffix(".json").write_text(json.dumps({"load_start": load, "grid": grid}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -90,6 +90,7 @@ def calibrated_teacher(s: BenchSetup, x: torch.Tensor) -> nn.Module:
 def build_row(s: BenchSetup, row: str, batch: int, dev: torch.device, use_compile: bool | None = None):
     """(step function, info) for ``row``; the step closes over its module, optimiser and batch.
     ``info["check"]`` raises a NonFiniteLossError if a step's loss was non-finite."""
+    from mimkd.bench.report import split_row
     from mimkd.config import OptimConfig
     from mimkd.distillers import build_distiller, get_method
     from mimkd.engine.recipe import build_optimizer
@@ -114,7 +115,7 @@ def build_row(s: BenchSetup, row: str, batch: int, dev: torch.device, use_compil
         n = sum(p.numel() for p in t.parameters())
         info = {"params": n, "trainable_params": 0, "method_params": 0, "init_stages": []}
         return forward, {**info, "check": lambda: None}
-    method = "vanilla" if row == STUDENT_ROW else row
+    method, inline = ("vanilla", {}) if row == STUDENT_ROW else split_row(row)
     cls = get_method(method)
     student = build_network(s.student, s.num_classes, ch)
     teacher = calibrated_teacher(s, x) if cls.requires_teacher else None
@@ -128,7 +129,7 @@ def build_row(s: BenchSetup, row: str, batch: int, dev: torch.device, use_compil
         num_classes=s.num_classes,
         train_labels=labels,
         student_arch=s.student,
-        **s.options.get(method, {}),
+        **{**s.options.get(method, {}), **inline},
     )
     if not d.offline_ready():  # KDEP's statistics over the training images: synthetic ones, untimed
         ob = min(batch, 256)

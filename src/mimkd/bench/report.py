@@ -25,14 +25,31 @@ __all__ = [
 def resolve_methods(text: str) -> list[str]:
     """``"kd,crd,mimkd"`` or ``"all"`` -> method names; an unknown name raises a MethodError listing the
     registered ones."""
-    from mimkd.distillers import available, get_method
+    from mimkd.distillers import available, get_method, validate_options
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if names == ["all"]:  # the registry's display order; vanilla is the student-step row
         return [m for m in available(ordered=True) if m != "vanilla"]
     for m in names:
-        get_method(m)  # MethodError: "unknown method 'x'. Did you mean ...? Valid methods: ..."
+        method, options = split_row(m)
+        get_method(method)  # MethodError: "unknown method 'x'. Did you mean ...? Valid methods: ..."
+        validate_options(method, options)
     return list(dict.fromkeys(names))
+
+
+def split_row(row: str) -> tuple[str, dict[str, Any]]:
+    """A row ``NAME`` or ``NAME:KEY=V[:KEY=V...]`` (one method with its own options, e.g.
+    ``mimkd:critic_locations=16`` beside ``mimkd``) -> ``(NAME, {KEY: V})``."""
+    from mimkd.config import parse_override
+
+    method, *parts = row.split(":")
+    options: dict[str, Any] = {}
+    for part in parts:
+        path, value = parse_override(f"method.{part}")
+        if len(path) != 2:
+            raise ConfigError(f"--methods {row!r}: expected NAME:KEY=VALUE, got {part!r}")
+        options[path[1]] = value
+    return method, options
 
 
 def method_options(overrides: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -42,7 +59,7 @@ def method_options(overrides: list[str], methods: list[str]) -> dict[str, dict[s
     from mimkd.distillers import available, get_method, validate_options
 
     out: dict[str, dict[str, Any]] = {}
-    targets = ["vanilla", *methods]
+    targets = ["vanilla", *(split_row(m)[0] for m in methods)]
     for text in overrides:
         path, value = parse_override(text)
         if len(path) < 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from mimkd.errors import ConfigError
@@ -18,6 +19,13 @@ def command(a: argparse.Namespace) -> int:
     from mimkd.engine.setup import resolve_device
 
     methods = resolve_methods(a.methods)
+    if a.bank_size is not None:
+        return bank_command(a, methods)
+    if not a.teacher or not a.student:
+        raise ConfigError(
+            "mimkd bench needs --teacher and --student (architectures), or --bank-size N for the "
+            "memory-bank projection alone"
+        )
     spec = dataset_spec(a.data or "cifar100") if a.data or not a.input_shape else None
     if a.input_shape:
         shape = parse_input_shape(a.input_shape)
@@ -64,6 +72,33 @@ def command(a: argparse.Namespace) -> int:
     return 0
 
 
+def bank_command(a: argparse.Namespace, methods: list[str]) -> int:
+    """``mimkd bench --bank-size N``: one measured bank step per method with a memory bank, and its
+    projected share of an epoch of N images (docs/methods/crd.md)."""
+    from pathlib import Path
+
+    from mimkd.bench.bank import BANKS, bank_report, projection_rows
+
+    if a.bank_size < 2:
+        raise ConfigError(f"--bank-size must be >= 2 (training samples), got {a.bank_size}")
+    chosen = [m.split(":")[0] for m in methods]
+    if not any(m in BANKS for m in chosen):
+        raise ConfigError(
+            f"--bank-size: none of --methods {a.methods!r} keeps a memory bank (those that do: "
+            f"{', '.join(sorted(BANKS))})"
+        )
+    print(f"[bench] memory banks at N = {a.bank_size:,}, batch {a.batch_size} ...", file=sys.stderr)
+    rows = projection_rows(a.bank_size, a.batch_size, chosen, threads=a.threads)
+    out = Path(a.out or f"runs/bench/banks_n{a.bank_size}_b{a.batch_size}")
+    md = bank_report(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(md, end="")
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``bench`` to ``sub`` (the ``mimkd`` subparsers); returns the new parser."""
     b = sub.add_parser(
@@ -72,8 +107,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Time the student's training step, the teacher's forward and each method's training "
         "step on synthetic batches already on the device; write OUT.md and OUT.json.",
     )
-    b.add_argument("--teacher", required=True, help="teacher architecture (zoo name or module:factory)")
-    b.add_argument("--student", required=True, help="student architecture")
+    b.add_argument("--teacher", help="teacher architecture (zoo name or module:factory)")
+    b.add_argument("--student", help="student architecture")
+    b.add_argument(
+        "--bank-size",
+        type=int,
+        help="instead: time one memory-bank step of each method with a bank at N training samples and "
+        "project its cost per epoch (no teacher or student needed)",
+    )
     b.add_argument("--methods", default="kd,crd,mimkd", help="comma-separated methods, or 'all'")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--max-batch", action="store_true", help="CUDA: each row at the largest batch that fits")
