@@ -55,40 +55,59 @@ def _peak_mib() -> float:
 
 
 def measure_bank_step(
-    n: int, batch: int, k: int, dim: int = 128, strategy: str = "auto", repeats: int = 3, classes: int = 1000
+    n: int,
+    batch: int,
+    k: int,
+    dim: int = 128,
+    strategy: str = "auto",
+    repeats: int = 3,
+    classes: int = 1000,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Median seconds of a bank step's parts at bank size ``n`` (after one warm-up step), and memory.
 
-    ``peak_mib``: the process's peak resident memory above what it held once bank and sampler were built.
+    ``peak_mib``: on a CPU, the process's peak resident memory above what it held once bank and sampler were
+    built; on CUDA, the peak allocated device memory above the same point.
     """
     from mimkd.mi.bank_scores import choose_strategy
     from mimkd.mi.memory import ClassAwareNegativeSampler, MemoryBank
 
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(n) % classes
-    bank = MemoryBank(n, dim, generator=g)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    labels = (torch.arange(n) % classes).to(dev)
+    bank = MemoryBank(n, dim, generator=torch.Generator().manual_seed(0)).to(dev)
     sampler = ClassAwareNegativeSampler(labels, k)
-    chosen = choose_strategy(n, batch, k, dim) if strategy == "auto" else strategy
-    base = _rss_mib()
+    chosen = choose_strategy(n, batch, k, dim, dev.type) if strategy == "auto" else strategy
+    base = torch.cuda.memory_allocated(dev) / 2**20 if cuda else _rss_mib()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
     _reset_peak()  # the bank's construction (a few N×D temporaries) is not the step's
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     parts: dict[str, list[float]] = {"sample": [], "scores": [], "update": [], "backward": []}
     for step in range(repeats + 1):
-        anchors = torch.randint(0, n, (batch,), generator=g)
-        z = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=1).requires_grad_(True)
-        t0 = time.perf_counter()
+        anchors = torch.randint(0, n, (batch,), generator=g, device=dev)
+        z = torch.randn(batch, dim, generator=g, device=dev)
+        z = torch.nn.functional.normalize(z, dim=1).requires_grad_(True)
+        t0 = now()
         idx = sampler.sample(anchors, g)
-        t1 = time.perf_counter()
+        t1 = now()
         out = bank.scores(z, idx, strategy=chosen)
-        t2 = time.perf_counter()
+        t2 = now()
         bank.update(anchors, z.detach())
-        t3 = time.perf_counter()
+        t3 = now()
         out.logsumexp(1).sum().backward()
-        t4 = time.perf_counter()
+        t4 = now()
         if step:  # the first step warms caches and the allocator
             for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 parts[key].append(dt)
     seconds = {key: statistics.median(v) for key, v in parts.items()}
-    peak = _peak_mib()
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _peak_mib()
     return {
         "n": n,
         "batch": batch,
@@ -96,6 +115,7 @@ def measure_bank_step(
         "dim": dim,
         "strategy": chosen,
         "threads": torch.get_num_threads(),
+        "device": str(dev),
         "seconds": sum(seconds.values()),
         "parts": seconds,
         "peak_mib": max(0.0, peak - base),
@@ -120,7 +140,7 @@ def measure_isolated(threads: int | None = None, **kwargs: Any) -> dict[str, Any
 
 
 def projection_rows(
-    n: int, batch: int, methods: list[str], threads: int | None = None, repeats: int = 3
+    n: int, batch: int, methods: list[str], threads: int | None = None, repeats: int = 3, device: str = "cpu"
 ) -> list[dict[str, Any]]:
     """Per method with a bank: one measured bank step at ``n`` (the cost model's path and, for the
     comparison, the other one), and the bank's share of an epoch of ``n`` images (``banks`` per step)."""
@@ -130,12 +150,14 @@ def projection_rows(
             continue
         banks, k, dim = BANKS[method]
         measured = {
-            s: measure_isolated(threads, n=n, batch=batch, k=k, dim=dim, strategy=s, repeats=repeats)
+            s: measure_isolated(
+                threads, n=n, batch=batch, k=k, dim=dim, strategy=s, repeats=repeats, device=device
+            )
             for s in ("full", "rows")
         }
         from mimkd.mi.bank_scores import choose_strategy
 
-        chosen = choose_strategy(n, batch, k, dim)
+        chosen = choose_strategy(n, batch, k, dim, torch.device(device).type)
         steps = -(-n // batch)
         row = {"method": method, "n": n, "batch": batch, "k": k, "banks": banks, "chosen": chosen}
         for s, m in measured.items():
@@ -158,7 +180,8 @@ def bank_report(rows: list[dict[str, Any]]) -> str:
         f"# Memory-bank cost at N = {n:,} training samples, batch {batch}",
         "",
         f"One bank step (sample K negatives, score, update, backward), measured in a fresh process per path "
-        f"on this machine (torch {torch.__version__}, {threads} threads, load {load}); "
+        f"on {rows[0]['full'].get('device', 'cpu')} (torch {torch.__version__}, {threads} threads, "
+        f"load {load}); "
         "peak = resident memory above the bank itself. Epoch = banks per step × step × ⌈N / batch⌉.",
         "",
         "| method | K | banks | full step s | rows step s | full peak MiB | rows peak MiB | chosen "

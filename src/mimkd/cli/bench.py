@@ -88,7 +88,10 @@ def bank_command(a: argparse.Namespace, methods: list[str]) -> int:
             f"{', '.join(sorted(BANKS))})"
         )
     print(f"[bench] memory banks at N = {a.bank_size:,}, batch {a.batch_size} ...", file=sys.stderr)
-    rows = projection_rows(a.bank_size, a.batch_size, chosen, threads=a.threads)
+    from mimkd.engine.setup import resolve_device
+
+    device = str(resolve_device(a.device))
+    rows = projection_rows(a.bank_size, a.batch_size, chosen, threads=a.threads, device=device)
     out = Path(a.out or f"runs/bench/banks_n{a.bank_size}_b{a.batch_size}")
     md = bank_report(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
