@@ -44,6 +44,7 @@ from mimkd.errors import MethodError, MimkdWarning
 from mimkd.features import FeatureSpec, FeatureTap, feature_points_of, pair_by_size
 from mimkd.mi import ConcatConvCritic, ProjectDotCritic, derangement, jsd_bound, jsd_loss
 from mimkd.mi.contrast import BankContrast
+from mimkd.mi.critics import sample_locations, sampled_pair_scores
 from mimkd.mi.negatives import all_pairs_negatives, roll_derangement
 
 from .base import DistillContext, Distiller, InitStage, MethodOptions, StepContext
@@ -82,6 +83,9 @@ class MIMKDOptions(MethodOptions):
     critic_layers: int = Field(2, ge=1)
     negatives: Literal["derangement", "roll", "all_pairs"] = "derangement"
     local_map: Literal["last_pair", "deepest"] = "last_pair"
+    # [DEVIATION when set] the fast path: the local and feature critics score this many random locations of
+    # each image (the same ones for its positive and its negative) instead of every location
+    critic_locations: int | None = Field(None, ge=1)
     # [DEVIATION when > 0] an init stage of this many epochs that trains the critics and projection heads on
     # the bounds with the student frozen (its weights and BatchNorm statistics unchanged), filling the banks
     critic_warmup_epochs: int = Field(0, ge=0)
@@ -94,13 +98,26 @@ class MIMKDOptions(MethodOptions):
     student_embedding: str | None = None
 
 
-def mimkd_jsd_term(critic: nn.Module, teacher: torch.Tensor, student: torch.Tensor, perm: torch.Tensor):
+def mimkd_jsd_term(
+    critic: nn.Module,
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    perm: torch.Tensor,
+    locations: int | None = None,
+):
     """One JSD term (Eq. 2) of a concat-and-conv critic: loss to minimise and the bound ``Î`` (nats).
 
     ``teacher`` is a map (feature term, Eq. 5) or a vector replicated over the student's locations (local
     term, Eq. 4); ``perm`` pairs each student tensor with another image's teacher tensor. Both expectations
-    average over locations and batch (the ``1/m²`` and batch means of Eqs. 4–5).
+    average over locations and batch (the ``1/m²`` and batch means of Eqs. 4–5). ``locations`` (the opt-in
+    fast path, docs/methods/mimkd.md): score that many random locations per image instead of all of them
+    (a Monte-Carlo estimate of the same means); ``None`` or at least the map's size scores every location.
     """
+    per_image = student.shape[2] * student.shape[3]
+    if locations is not None and locations < per_image:
+        where = sample_locations(student.shape[0], per_image, locations, student.device)
+        pos, neg = sampled_pair_scores(critic, teacher, student, perm, where)
+        return jsd_loss(pos, neg), jsd_bound(pos.detach(), neg.detach())
     pos, neg = critic.pair_scores(teacher, student, perm)
     return jsd_loss(pos, neg), jsd_bound(pos.detach(), neg.detach())
 
@@ -227,12 +244,12 @@ class MIMKD(Distiller):
             terms["mi_global"] = o.lambda_g * loss
             self.metrics["mi_global"] = est
         if o.lambda_l > 0:
-            loss, est = mimkd_jsd_term(self.local_critic, f_t, fs[self.local_point], perm)
+            loss, est = mimkd_jsd_term(self.local_critic, f_t, fs[self.local_point], perm, o.critic_locations)
             terms["mi_local"] = o.lambda_l * loss
             self.metrics["mi_local"] = est
         if o.lambda_f > 0:
             critics = zip(self.feature_critics, self.pairs)
-            results = [mimkd_jsd_term(c, ft[t], fs[s], perm) for c, (t, s) in critics]
+            results = [mimkd_jsd_term(c, ft[t], fs[s], perm, o.critic_locations) for c, (t, s) in critics]
             terms["mi_feature"] = o.lambda_f * torch.stack([r[0] for r in results]).mean()
             self.metrics["mi_feature"] = torch.stack([r[1] for r in results]).mean()
         return terms

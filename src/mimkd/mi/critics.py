@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from mimkd.errors import MethodError
 
-__all__ = ["ConcatConvCritic", "ProjectDotCritic", "ProjectionHead"]
+__all__ = [
+    "ConcatConvCritic",
+    "ProjectDotCritic",
+    "ProjectionHead",
+    "sample_locations",
+    "sampled_pair_scores",
+]
 
 
 def _check_positive_int(name: str, value: object, owner: str, minimum: int = 1) -> int:
@@ -177,6 +183,59 @@ class ConcatConvCritic(nn.Module):
         pos = _as_maps(scores[: batch * locations], s)
         neg = _as_maps(scores[batch * locations :], s, batch * k).unflatten(0, (batch, k))
         return pos, neg
+
+
+def sample_locations(
+    batch: int, locations: int, m: int, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
+    """``m`` distinct flat location indices per image, uniform, shape ``B×m`` (MIMKD's ``critic_locations``).
+
+    One uniform random key per (image, location) and the ``m`` smallest kept: a uniform ``m``-subset of the
+    ``locations`` positions of each image, drawn independently per image.
+    """
+    draw_on = generator.device if generator is not None else device
+    keys = torch.rand(batch, locations, generator=generator, device=draw_on)
+    return keys.topk(m, dim=1, largest=False, sorted=False).indices.to(device)
+
+
+def _rows_at(x: Tensor, images: Tensor, locations: Tensor) -> Tensor:
+    """The location vectors ``x[images[b], :, locations[b, j]]`` of a map ``B×C×h×w`` as ``(n·m)×C``."""
+    flat = _locations(x)
+    per_image = x.shape[2] * x.shape[3]
+    return flat.index_select(0, (images.unsqueeze(1) * per_image + locations).reshape(-1))
+
+
+def sampled_pair_scores(
+    critic: ConcatConvCritic, t: Tensor, s: Tensor, perm: Tensor, locations: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:meth:`ConcatConvCritic.pair_scores` at ``locations`` (``B×m`` flat indices) only; scores ``B×m``.
+
+    MIMKD's opt-in fast path (``critic_locations``, docs/methods/mimkd.md): the positive of image ``b`` at
+    location ``ℓ`` scores ``[t_b(ℓ) ; s_b(ℓ)]``, its negative ``[t_perm[b](ℓ) ; s_b(ℓ)]`` — the same
+    location of another image's teacher map (region-consistent), or the other image's teacher vector.
+    Positives and negatives go through the critic's layers as one ``2·B·m``-row batch. ``perm`` must be 1-D.
+    """
+    critic._check_inputs(t, s)
+    perm = _check_perm(perm, s.shape[0], type(critic).__name__).to(s.device)
+    if perm.dim() != 1:
+        raise MethodError(
+            "mimkd: critic_locations needs one negative per positive (method.negatives=derangement or roll), "
+            "not all_pairs"
+        )
+    batch, m = locations.shape
+    first = critic.layers[0]
+    weight = first.weight.flatten(1)
+    w_t, w_s = weight[:, : critic.teacher_channels], weight[:, critic.teacher_channels :]
+    own = torch.arange(batch, device=s.device)
+    student_part = F.linear(_rows_at(s, own, locations), w_s, first.bias).view(1, batch, m, critic.hidden)
+    if t.dim() == 2:
+        teacher_part = F.linear(t, w_t).index_select(0, torch.cat([own, perm]))
+        teacher_both = teacher_part.view(2, batch, 1, critic.hidden)
+    else:
+        rows = _rows_at(t, torch.cat([own, perm]), torch.cat([locations, locations]))
+        teacher_both = F.linear(rows, w_t).view(2, batch, m, critic.hidden)
+    scores = critic._tail((teacher_both + student_part).flatten(0, 2)).view(2, batch, m)
+    return scores[0], scores[1]
 
 
 class ProjectionHead(nn.Module):
