@@ -17,10 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_runs_every_step_and_writes_the_summary(tmp_path):
     out = tmp_path / "check"
     env_py = {"PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
-    res = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out), "--data-root", str(FMNIST.parent)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env_py,
-    )  # fmt: skip
+    cmd = [
+        "bash",
+        "benchmarks/gpu_check.sh",
+        "--dry-run",
+        "--out",
+        str(out),
+        "--data-root",
+        str(FMNIST.parent),
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env_py)
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     failed = {s["step"]: (out / f"{s['step']}.log").read_text()[-1500:] for s in steps if s["rc"]}
     assert res.returncode == 0 and not failed, (res.stderr[-2000:], failed)
