@@ -37,6 +37,7 @@ COMMANDS = (
     "probe",
     "bench",
     "lists",
+    "teachers",
 )
 
 

@@ -31,7 +31,11 @@ def command(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the command to the ``mimkd`` subparsers."""
     d = sub.add_parser("distill", help="distill a teacher into a student with a method")
-    d.add_argument("--teacher", help="teacher checkpoint (a mimkd run, or {'model': state_dict} file)")
+    d.add_argument(
+        "--teacher",
+        help="teacher checkpoint (a mimkd run, a {'model': state_dict} file, a Hub folder), a catalogue name "
+        "(repdistiller:resnet32x4, torchvision:resnet34: mimkd teachers list) or hf:ORG/REPO",
+    )
     d.add_argument("--teacher-arch", help="teacher architecture (needed when the checkpoint does not say)")
     d.add_argument("--student", help="student architecture")
     d.add_argument("--method", help="distillation method (mimkd methods lists them)")

@@ -23,6 +23,7 @@ from mimkd.errors import CheckpointError, ConfigError, MimkdError
 from mimkd.evaluation.flops import count_flops, count_parameters
 from mimkd.features import FeatureTap, feature_points_of
 from mimkd.models import FeaturePoints, build_network
+from mimkd.teachers import resolve_teacher
 
 from . import distributed
 from .distributed import DistInfo, evaluate_sharded
@@ -177,9 +178,10 @@ def prepare(
     teacher, teacher_arch, identity = None, None, None
     if cfg.teacher is not None and cfg.teacher.checkpoint:
         arch = cfg.teacher.arch if cfg.teacher.arch not in ("", "auto") else None
+        checkpoint, arch = resolve_teacher(cfg.teacher.checkpoint, arch)  # a name: fetched (docs/teachers.md)
         teacher, teacher_arch = load_teacher(
             arch,
-            cfg.teacher.checkpoint,
+            checkpoint,
             num_classes,
             in_channels,
             input_shape=tuple(train.image_shape),
@@ -187,7 +189,7 @@ def prepare(
         )
         probe_network(teacher, sample, num_classes, "teacher", teacher_arch)
         override_points(teacher, cfg.teacher, sample)
-        identity = teacher_identity(teacher, teacher_arch, cfg.teacher.checkpoint)
+        identity = teacher_identity(teacher, teacher_arch, checkpoint)
     elif cfg.teacher is not None:
         raise ConfigError("teacher.checkpoint: a teacher needs trained weights (--teacher PATH)")
     options = dict(cfg.method.options)
