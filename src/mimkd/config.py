@@ -120,7 +120,10 @@ class TrainConfig(_Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_batches: int = Field(100, ge=0)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
-    tensorboard: bool = True
+    # Experiment trackers that mirror metrics.jsonl (docs/trackers.md): tensorboard, mlflow, wandb.
+    loggers: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool | None = None  # the old spelling: false drops "tensorboard" from loggers, true adds it
+    log_checkpoints: bool = False  # also store best.pt in the trackers that keep files (mlflow, wandb)
     eval_teacher: bool = True  # the teacher's test accuracy in summary.json (a check that it loaded right)
     # NHWC tensors: faster for the small CNNs on CPU (timings: results/dev_cpu_notes.md), the usual GPU win
     channels_last: bool = True
@@ -139,6 +142,36 @@ class TrainConfig(_Strict):
     # Every N steps: each loss term's gradient norm on the student, its ratio to CE's and its cosine with
     # CE's (mimkd.engine.term_grads; one extra backward per term on those steps only). 0: off.
     log_term_grads: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tensorboard_key(cls, data: Any) -> Any:
+        """``tensorboard: true/false`` (the old spelling) adds "tensorboard" to / drops from ``loggers``."""
+        if not isinstance(data, dict) or data.get("tensorboard") is None:
+            return data
+        data = dict(data)
+        names = data.get("loggers", ["tensorboard"])
+        names = [names] if isinstance(names, str) else list(names or [])
+        if not data.pop("tensorboard"):
+            names = [n for n in names if n != "tensorboard"]
+        elif "tensorboard" not in names:
+            names.append("tensorboard")
+        data["loggers"] = names
+        return data
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _logger_names(cls, v: Any) -> Any:
+        if isinstance(v, str):  # --set train.loggers=mlflow
+            v = [v]
+        if not isinstance(v, list):
+            return v
+        from mimkd.engine.trackers import TRACKERS
+
+        for name in v:
+            if not isinstance(name, str) or name not in TRACKERS:
+                raise ValueError(str(unknown_name_error("logger", str(name), TRACKERS, ConfigError)))
+        return list(dict.fromkeys(v))  # each backend once, in the order given
 
 
 class FinetuneConfig(_Strict):

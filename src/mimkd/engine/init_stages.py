@@ -30,7 +30,7 @@ from mimkd.distillers.step_context import StepContext, accepts_context
 
 from .distributed import all_reduce_gradients
 from .logging import Meter, MetricsLog, NullLog
-from .loop import EpochLoop
+from .loop import EpochLoop, RunClock
 from .run_state import InitProgress, RunSetup, RunState
 from .step import NonFiniteStatus, TrainStep
 
@@ -95,11 +95,13 @@ def run_init_stages(
     log: MetricsLog | NullLog,
     save: Callable[[], None],
     on_status: Callable[[NonFiniteStatus], None],
+    clock: RunClock | None = None,
 ) -> None:
     """Run (or finish, after a resume) every init stage of the run's distiller.
 
     ``save`` writes ``last.pt`` (the stage's progress and optimiser are part of ``state.init``);
-    ``on_status`` takes the non-finite state after a refused step (it raises to stop the run)."""
+    ``on_status`` takes the non-finite state after a refused step (it raises to stop the run); ``clock``
+    (stage ``i`` of its plan is init stage ``i``) gives the progress bar the run ETA."""
     stages = setup.distiller.init_stages()
     progress = state.init
     cfg = setup.cfg
@@ -126,6 +128,7 @@ def run_init_stages(
             memory_format=setup.memory_format,
             checkpoint=save,
             checkpoint_every=cfg.train.checkpoint_every_steps,
+            clock=clock,
         )
         iterator = _stage_iterator(setup, index)
         spe = min(len(iterator), setup.steps_per_epoch)
@@ -167,6 +170,7 @@ def _stage_epoch(
         desc=f"init {stage.name} {progress.epoch + 1}/{stage.epochs}",
         context=lambda s: StepContext(stage.name, progress.epoch, s, spe, stage.epochs),
         record=record,
+        at=(index, progress.epoch),
     )
     record_ = {"stage": stage.name, "stage_index": index, "stage_epoch": progress.epoch}
     record_ |= {f"init.{k}": v for k, v in meter.reduced().means().items()}

@@ -1,14 +1,20 @@
-"""Run logging: ``metrics.jsonl`` (one line per epoch), TensorBoard events, the progress bar, meters."""
+"""Run logging: ``metrics.jsonl`` (one line per epoch) mirrored to the trackers, the progress bar, meters."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mimkd.errors import MimkdWarning
+
+from .trackers import Tracker, metric_values
 
 __all__ = ["LaggedScalars", "MetricsLog", "Meter", "NullLog", "progress_bar", "write_json"]
 
@@ -112,18 +118,12 @@ class LaggedScalars:
 
 
 class MetricsLog:
-    """Appends per-epoch records to ``metrics.jsonl`` and mirrors them to TensorBoard."""
+    """Appends per-epoch records to ``metrics.jsonl`` and mirrors them to the run's experiment trackers
+    (``train.loggers``: TensorBoard, MLflow, W&B; see docs/trackers.md and :mod:`.trackers`)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
-            except ImportError:  # tensorboard is a dependency, but keep training if it is broken
-                self.writer = None
+        self.trackers = list(trackers)
 
     def truncate_from_epoch(self, epoch: int, init_position: tuple[int, int] | None = None) -> None:
         """Drop records of epochs >= ``epoch`` (they are redone after a resume), and init-stage records at
@@ -161,21 +161,39 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_jsonable) + "\n")
             f.flush()
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("epoch",):
-                    self.writer.add_scalar(k.replace(".", "/"), v, step)
-            self.writer.flush()
+        values = metric_values(record)
+        self._each(lambda t: t.log(values, step))
 
     def scalars(self, values: dict[str, Any], step: int) -> None:
         """Per-step scalars to TensorBoard only (the term-gradient diagnostics of a logged step)."""
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k.replace(".", "/"), float(v), step)
+        if self.trackers:  # (a device read: only when someone takes them)
+            values = {k: float(v) for k, v in values.items()}
+            self._each(lambda t: t.scalars(values, step))
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def store(self, paths: Iterable[Path]) -> None:
+        """Give the trackers the run's files at its end (``summary.json``, ``best.pt``)."""
+        for path in paths:
+            self._each(lambda t, path=path: t.store(path))
+
+    def _each(self, call: Callable[[Tracker], None]) -> None:
+        """``call`` on every tracker; one that fails (a server gone) is dropped with a warning: the run and
+        ``metrics.jsonl`` go on."""
+        for t in list(self.trackers):
+            try:
+                call(t)
+            except Exception as e:
+                self.trackers.remove(t)
+                warnings.warn(
+                    f"train.loggers: {type(t).__name__} failed ({' '.join(str(e).split())[:300]}); it gets "
+                    "nothing more from this run (metrics.jsonl does)",
+                    MimkdWarning,
+                    stacklevel=2,
+                )
+
+    def close(self, ok: bool = True) -> None:
+        """End every tracker's run (``ok``: the run finished; else it failed)."""
+        self._each(lambda t: t.close(ok))
+        self.trackers = []
 
 
 class NullLog:
@@ -195,7 +213,10 @@ class NullLog:
     def scalars(self, values: dict[str, Any], step: int) -> None:
         pass
 
-    def close(self) -> None:
+    def store(self, paths: Iterable[Path]) -> None:
+        pass
+
+    def close(self, ok: bool = True) -> None:
         pass
 
 

@@ -48,6 +48,8 @@ RESUME_FREE = {
     "threads",
     "train.progress",
     "train.tensorboard",
+    "train.loggers",  # which trackers mirror the metrics (docs/trackers.md)
+    "train.log_checkpoints",
     "train.measure_latency",
     "train.compile",
     "train.data_on_device",

@@ -1,9 +1,10 @@
 """The training loop. It never names a method: it sums whatever terms the distiller returns.
 
 One loop serves ``mimkd train`` (the ``vanilla`` distiller) and ``mimkd distill``. Per run directory it writes
-``config.yaml``, ``metrics.jsonl`` (one record per epoch), TensorBoard events, ``last.pt`` (complete resume
-state, written atomically every ``checkpoint_every_steps`` steps and at the end of every epoch), ``best.pt``
-(the student at its best test epoch) and ``summary.json`` (last AND best epoch accuracy).
+``config.yaml``, ``metrics.jsonl`` (one record per epoch; mirrored to the ``train.loggers`` trackers,
+docs/trackers.md), ``last.pt`` (complete resume state, written atomically every ``checkpoint_every_steps``
+steps and at the end of every epoch), ``best.pt`` (the student at its best test epoch) and ``summary.json``
+(last AND best epoch accuracy).
 
 Exact resume: batches are a pure function of (seed, epoch, step) (see :class:`mimkd.data.BatchIterator`), the
 learning rate a pure function of (epoch, step), and the checkpoint holds weights, method state (critics,
@@ -56,12 +57,12 @@ from mimkd.distillers.step_context import StepContext
 from mimkd.errors import CheckpointError, ConfigError, MimkdWarning, NonFiniteLossError
 from mimkd.evaluation.accuracy import topk_correct
 
-from . import distributed
+from . import distributed, trackers
 from .distributed import DistInfo, evaluate_sharded
 from .identity import identity_mismatch, teacher_identity
 from .init_stages import run_init_stages
 from .logging import MetricsLog, NullLog, progress_bar, write_json
-from .loop import EpochLoop
+from .loop import EpochLoop, RunClock, StagePlan
 from .recipe import build_optimizer, lr_at, param_groups, set_lr
 from .run_state import RunSetup, RunState, StudentInfo
 from .step import NonFiniteStatus, TrainStep, compile_distiller, resolve_check
@@ -88,6 +89,7 @@ class Trainer:
         dist_info: DistInfo | None = None,
     ) -> None:
         t, o = cfg.train, cfg.optim
+        trackers.require(t.loggers)  # a missing mlflow / wandb: refused before any work (docs/trackers.md)
         dist = dist_info if dist_info is not None else distributed.current()
         fmt = torch.channels_last if t.channels_last else torch.contiguous_format
         self.distiller = distiller.to(device=device, memory_format=fmt)
@@ -130,6 +132,7 @@ class Trainer:
             max_skipped=t.max_skipped_batches,
         )
         self.state = RunState()
+        self.clock: RunClock | None = None  # the run ETA of the progress bar (set by fit)
         self.term_grads = self._term_grads()
         self.teacher_identity = self._teacher_identity()
 
@@ -268,18 +271,12 @@ class Trainer:
         if resume and last.exists():
             self.load(last)
         st = self.state
-        log: MetricsLog | NullLog = (
-            MetricsLog(
-                self.run_dir,
-                tensorboard=self.cfg.train.tensorboard,
-                purge_step=st.global_step if resume else None,
-            )
-            if self.is_main
-            else NullLog()
-        )
+        log = self._open_log(resume)
         n_init = len(self.distiller.init_stages())
         p = st.init
         log.truncate_from_epoch(st.epoch, (p.done, p.epoch) if p.done < n_init else None)
+        self.clock = RunClock(self._plan())
+        ok = False
         try:
             if not self.distiller.offline_ready():
                 self._offline_pass()
@@ -289,13 +286,44 @@ class Trainer:
             loop = self._main_loop()
             while st.epoch < self.cfg.optim.epochs:
                 self._train_epoch(loop, log)
+            summary = self.finish(log)
+            log.store(self._artefacts())
+            ok = True
         finally:
-            log.close()
-        return self.finish(log)
+            log.close(ok)
+        return summary
+
+    def _open_log(self, resume: bool) -> MetricsLog | NullLog:
+        """metrics.jsonl and the ``train.loggers`` trackers on rank 0; nothing on the other ranks."""
+        if not self.is_main:
+            return NullLog()
+        opened = trackers.open_trackers(
+            self.cfg.train.loggers,
+            self.run_dir,
+            self.cfg.model_dump(mode="json"),
+            is_main=self.is_main,
+            resume=resume,
+            purge_step=self.state.global_step if resume else None,
+        )
+        return MetricsLog(self.run_dir, opened)
+
+    def _plan(self) -> list[StagePlan]:
+        """The run's stages for the ETA: the init stages, then the main training (the same steps per epoch:
+        a stage iterates the same training set at the same batch size)."""
+        spe = self.steps_per_epoch
+        stages = [StagePlan(s.name, s.epochs, spe) for s in self.distiller.init_stages()]
+        return [*stages, StagePlan("main", self.cfg.optim.epochs, spe)]
+
+    def _artefacts(self) -> list[Path]:
+        """What the trackers keep at the end: summary.json, and best*.pt with ``train.log_checkpoints``."""
+        files = [self.run_dir / "summary.json"]
+        if self.cfg.train.log_checkpoints:
+            files += sorted(self.run_dir.glob("best*.pt"))
+        return [f for f in files if f.is_file()]
 
     def run_init_stages(self, log: MetricsLog | NullLog) -> None:
         """Run (or finish, after a resume) the method's init stages."""
-        run_init_stages(self.setup, self.state, log, self.save, self._after_refusal)
+        run_init_stages(self.setup, self.state, log, self.save, self._after_refusal, self.clock)
 
     def _offline_pass(self) -> None:
         """The method's pass over the training images (normalised, unaugmented, no labels).
@@ -328,6 +356,7 @@ class Trainer:
             memory_format=self.memory_format,
             checkpoint=self.save,
             checkpoint_every=self.cfg.train.checkpoint_every_steps,
+            clock=self.clock,
         )
 
     def _train_epoch(self, loop: EpochLoop, log: MetricsLog | NullLog) -> None:
@@ -366,6 +395,7 @@ class Trainer:
             record=record,
             before_step=set_step_lr,
             inspect=inspect,
+            at=(len(self.distiller.init_stages()), epoch),
         )
         self._end_epoch(log, stats.images, stats.seconds)
 
