@@ -163,7 +163,9 @@ def projection_rows(
         for s, m in measured.items():
             row[s] = m
         if "error" not in measured[chosen]:
-            row["epoch_hours"] = banks * measured[chosen]["seconds"] * steps / 3600
+            m = measured[chosen]  # one negative draw per step serves every bank of the method
+            per_step = m["parts"]["sample"] + banks * (m["seconds"] - m["parts"]["sample"])
+            row["epoch_hours"] = per_step * steps / 3600
         rows.append(row)
     return rows
 
@@ -182,7 +184,8 @@ def bank_report(rows: list[dict[str, Any]]) -> str:
         f"One bank step (sample K negatives, score, update, backward), measured in a fresh process per path "
         f"on {rows[0]['full'].get('device', 'cpu')} (torch {torch.__version__}, {threads} threads, "
         f"load {load}); "
-        "peak = resident memory above the bank itself. Epoch = banks per step × step × ⌈N / batch⌉.",
+        "peak = resident memory above the bank itself. Epoch = (one negative draw + banks × the rest of the "
+        "step) × ⌈N / batch⌉.",
         "",
         "| method | K | banks | full step s | rows step s | full peak MiB | rows peak MiB | chosen "
         "| bank hours / epoch |",

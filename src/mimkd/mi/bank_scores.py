@@ -49,11 +49,12 @@ class BankCost:
 
 
 COSTS: dict[str, BankCost] = {
-    # fitted on the project's 2-core CPU, 2 threads (results/bench_memory_bank.md)
-    "cpu": BankCost(full_per_score=2.7e-8, rows_per_value=4.0e-9),
+    # fitted on the project's 2-core CPU, 2 threads: the medians over the 12-point grid of
+    # results/bench_memory_bank.md (`full` when N < 27.3·(K+1))
+    "cpu": BankCost(full_per_score=7.5e-9, rows_per_value=1.6e-9),
     # not measured: a GPU's GEMM is ~100x and its gathers ~30x the CPU's (the prepared GPU check,
-    # benchmarks/gpu_check.sh, measures them)
-    "cuda": BankCost(full_per_score=2.7e-10, rows_per_value=1.3e-10, measured=False),
+    # benchmarks/gpu_check.sh, measures both paths at 1.28M rows)
+    "cuda": BankCost(full_per_score=7.5e-11, rows_per_value=5.3e-11, measured=False),
 }
 
 
