@@ -163,3 +163,17 @@ def test_sweep_runs_skips_resumes_and_reports(tmp_path):
 def test_report_refuses_a_directory_that_is_not_a_study(tmp_path):
     proc = run_cli("report", str(tmp_path), check=False)
     assert proc.returncode == 2 and "not a study directory" in proc.stderr
+
+
+def test_a_teacher_named_from_the_catalogue_is_planned_by_name_and_not_missing(tmp_path):
+    """A study may name a published teacher (docs/teachers.md): each run fetches it, nothing is joined to
+    --teachers DIR and the sweep does not refuse it as a missing file."""
+    path = write_study(tmp_path, teachers={"t": {"arch": "resnet56", "checkpoint": "repdistiller:resnet56"}})
+    runs = load_study(path).plan(out=tmp_path, teachers_dir=tmp_path / "teachers")
+    assert {r.config["teacher"]["checkpoint"] for r in runs if r.config.get("teacher")} == {
+        "repdistiller:resnet56"
+    }
+    dry = run_cli(
+        "sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run", "--teachers", str(tmp_path)
+    )
+    assert "missing teacher checkpoint" not in dry.stdout

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mimkd.config import _deep_merge, apply_overrides, build_config, read_yaml
 from mimkd.errors import ConfigError, did_you_mean
+from mimkd.teachers.resolve import is_teacher_name
 
 __all__ = ["Study", "PlannedRun", "load_study", "point_label", "PublishedValue"]
 
@@ -200,6 +201,9 @@ class Study:
         teacher_runs: dict[str, PlannedRun] = {}
         teacher_ckpt: dict[str, str] = {}
         for name, t in self.spec.teachers.items():
+            if t.checkpoint is not None and is_teacher_name(t.checkpoint):
+                teacher_ckpt[name] = t.checkpoint  # a catalogue name: the run fetches it (docs/teachers.md)
+                continue
             if t.checkpoint is not None:
                 path = Path(t.checkpoint).expanduser()
                 if not path.is_absolute() and teachers_dir is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mimkd.errors import ConfigError
+from mimkd.teachers.resolve import is_teacher_name
 
 from .pool import Job, finished_summary, run_jobs
 from .study import PlannedRun, Study, load_study, point_label
@@ -204,6 +205,11 @@ def _missing_teachers(students: list[PlannedRun], teachers: list[PlannedRun]) ->
     out = []
     for r in students:
         t = r.config.get("teacher")
-        if t and r.needs not in trained and not Path(t["checkpoint"]).exists():
+        if (
+            t
+            and r.needs not in trained
+            and not Path(t["checkpoint"]).exists()
+            and not is_teacher_name(t["checkpoint"])  # fetched by the run itself
+        ):
             out.append((t["checkpoint"], r.key))
     return out
