@@ -296,3 +296,31 @@ def test_torchrun_two_processes_create_one_mlflow_run(tmp_path, monkeypatch):
     (experiment,) = [e for e in client.search_experiments() if e.name == "runs"]
     (run,) = client.search_runs([experiment.experiment_id])
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch")] == [(4, 0.0)]
+
+
+def test_a_file_store_left_half_written_by_a_kill_is_repaired_on_resume(tmp_path, monkeypatch):
+    """SIGKILL can leave a metric file empty or with a partial last line; MLflow then refuses the whole run
+    ("Metric ... is malformed"). The resumed tracker repairs that file and continues the same run."""
+    from mimkd.engine.trackers import MlflowTracker, TrackerContext
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    first = MlflowTracker(TrackerContext(run_dir, {"seed": 0}))
+    first.log({"lr": 0.05, "loss.ce": 2.0}, 6)
+    first.log({"lr": 0.04, "loss.ce": 1.5}, 12)
+    metrics = next((tmp_path / "mlruns").glob(f"*/{first.run_id}/metrics"))
+    (metrics / "lr").write_bytes(b"")  # killed after creating the file
+    ce = metrics / "loss.ce"
+    ce.write_bytes(ce.read_bytes() + b"1733300000000 1.2")  # killed mid-line
+    again = MlflowTracker(TrackerContext(run_dir, {"seed": 0}, resume=True, saved=first.state()))
+    assert again.run_id == first.run_id
+    again.log({"lr": 0.03, "loss.ce": 1.0}, 18)
+    again.close()
+    client = _client((tmp_path / "mlruns").as_uri(), monkeypatch)
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss.ce")] == [
+        (6, 2.0),
+        (12, 1.5),
+        (18, 1.0),
+    ]
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "lr")] == [(18, 0.03)]

@@ -102,6 +102,8 @@ class MlflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id = ctx.saved.get("run_id") if ctx.resume else None
+        if self.run_id is not None:
+            _repair_file_store(self.uri, self.run_id)
         if self.run_id is not None and self._live(self.run_id):
             self.client.update_run(self.run_id, status="RUNNING")
             return
@@ -151,6 +153,27 @@ class MlflowTracker(Tracker):
 
     def state(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.uri}
+
+
+def _repair_file_store(uri: str, run_id: str) -> None:
+    """After a kill, a local file store's metric file may be empty or end in a half-written line, which
+    MLflow then refuses to read ("Metric ... is malformed"): drop such a file or that last line."""
+    if not uri.startswith("file:") and "://" in uri:
+        return
+    from urllib.parse import unquote, urlparse
+
+    root = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+    for metric in root.glob(f"*/{run_id}/metrics/**/*"):
+        if not metric.is_file():
+            continue
+        data = metric.read_bytes()
+        if data.endswith(b"\n"):
+            continue
+        keep = data[: data.rfind(b"\n") + 1]
+        if keep:
+            metric.write_bytes(keep)
+        else:
+            metric.unlink()
 
 
 def _local_store() -> str:

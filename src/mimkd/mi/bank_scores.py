@@ -115,7 +115,7 @@ def _correction(g: Tensor, idx: Tensor, rows: Tensor, delta: Tensor) -> Tensor:
     """``Σ_j g[b, j]·delta[r]`` over the ``(b, j)`` whose ``idx[b, j]`` is the updated row ``rows[r]``."""
     order = rows.argsort()
     ordered = rows[order]
-    pos = torch.searchsorted(ordered, idx).clamp_(max=ordered.numel() - 1)
+    pos = torch.searchsorted(ordered, idx.contiguous()).clamp_(max=ordered.numel() - 1)
     hit = ordered[pos] == idx
     weights = g.new_zeros(idx.shape[0], ordered.numel()).scatter_add_(1, pos, g * hit)
     return torch.mm(weights, delta.index_select(0, order))
