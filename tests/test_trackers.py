@@ -227,7 +227,8 @@ def test_a_killed_run_resumes_the_same_tracker_runs(tmp_path, monkeypatch):
     assert sorted(set(epochs)) == [(12, 0.0), (24, 1.0), (36, 2.0)]
     wb = _wandb_run(tmp_path, state["wandb"]["id"])
     assert len(wb["files"]) == 2  # offline: one directory per session, one run id
-    assert {row["epoch"] for row in wb["rows"] if "epoch" in row} == {0, 1, 2}
+    # W&B writes asynchronously: a row logged just before the kill may never reach its file (docs/trackers.md)
+    assert {1, 2} <= {row["epoch"] for row in wb["rows"] if "epoch" in row} <= {0, 1, 2}
 
 
 BLOCKED = """
